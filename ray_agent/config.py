@@ -1,0 +1,363 @@
+"""The agent's configuration: one frozen dataclass tree, loaded and validated here and nowhere else.
+
+Example (every key optional)::
+
+    web:
+      listen_address: "10.0.0.5:9489"   # HOST:PORT, HOST, or :PORT; HOST defaults to the default-route IP
+      tls:                              # optional; both files, or neither
+        cert_file: /etc/ray-agent/tls.crt
+        key_file: /etc/ray-agent/tls.key
+        client_ca_file: /etc/ray-agent/ca.crt   # optional
+        client_auth_required: false
+    collection:
+      interval: 5s                      # how often GPUs and the host are read
+      call_timeout: 2s                  # how long one GPU read (or init) may take before it is abandoned
+      backend_retry_interval: 30s       # how often a failed GPU library is initialised again
+    gpu:
+      backend: nvml                     # nvml | fake
+      # fake_scenario: builtin:demo-8gpu  # fake only (and then required): a path relative to this file,
+                                          # or builtin:NAME for a scenario shipped with the agent
+    host:
+      proc_path: /proc
+    attribution:
+      enabled: true
+      dashboard_url: http://127.0.0.1:8265
+      token_file: /etc/ray/auth_token   # optional; sent as "Authorization: Bearer <token>"
+      ttl: 10s                          # how often Ray's state is fetched
+      request_timeout: 2s
+      node_ip: null                     # this node's Ray address; default: the listen host
+    exporter:
+      dcgm_compat: false                # also export dcgm-exporter metric names and labels
+      hostname: null                    # Hostname label of dcgm names; default: this host's name
+      process_metrics: true             # the agent's own process_* metrics
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from ray_agent.gpu.fake import ScenarioError, resolve_scenario_path
+from ray_agent.units import parse_duration
+
+DEFAULT_PORT = 9489
+BACKENDS = ("nvml", "fake")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str | None  # None: the default-route interface's address, decided at start-up
+    port: int
+
+    def __str__(self) -> str:
+        host = self.host or ""
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+    client_auth_required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    listen_address: ListenAddress = ListenAddress(None, DEFAULT_PORT)
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionConfig:
+    interval: float = 5.0
+    call_timeout: float = 2.0
+    backend_retry_interval: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class GpuConfig:
+    backend: str = "nvml"
+    fake_scenario: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    proc_path: Path = Path("/proc")
+
+
+@dataclass(frozen=True, slots=True)
+class AttributionConfig:
+    enabled: bool = True
+    dashboard_url: str = "http://127.0.0.1:8265"
+    token_file: Path | None = None
+    ttl: float = 10.0
+    request_timeout: float = 2.0
+    node_ip: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterConfig:
+    dcgm_compat: bool = False
+    hostname: str | None = None
+    process_metrics: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    web: WebConfig = field(default_factory=WebConfig)
+    collection: CollectionConfig = field(default_factory=CollectionConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    host: HostConfig = field(default_factory=HostConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    exporter: ExporterConfig = field(default_factory=ExporterConfig)
+
+
+def parse_listen_address(text: str) -> ListenAddress:
+    """HOST:PORT, [V6]:PORT, :PORT or HOST (default port)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("expected HOST:PORT, :PORT or HOST")
+    host: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r} has an unclosed [")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"expected [HOST]:PORT, got {text!r}")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") > 1:
+        host, port_text = text, ""  # a bare IPv6 address
+    else:
+        host, _, port_text = text.partition(":")
+    port = DEFAULT_PORT
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"port must be a number from 1 to 65535, got {port_text!r}")
+        port = int(port_text)
+    return ListenAddress(host or None, port)
+
+
+# --- validation helpers ---------------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads one section, naming keys by their dotted path in every error."""
+
+    def __init__(self, source: str, section: str, node: Any, allowed: tuple[str, ...]) -> None:
+        self.source = source
+        self.section = section
+        if node is None:
+            node = {}
+        if not isinstance(node, Mapping):
+            raise self.error("", f"expected a mapping, got {type(node).__name__}")
+        unknown = [k for k in node if k not in allowed]
+        if unknown:
+            raise self.error(str(unknown[0]), f"unknown key; allowed keys: {', '.join(allowed)}")
+        self.node = node
+
+    def error(self, key: str, message: str) -> ConfigError:
+        path = ".".join(p for p in (self.section, key) if p)
+        return ConfigError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+
+    def get(self, key: str, default: Any, parse: Callable[[Any], Any]) -> Any:
+        if key not in self.node or self.node[key] is None:
+            return default
+        try:
+            return parse(self.node[key])
+        except (TypeError, ValueError) as err:
+            raise self.error(key, str(err)) from None
+
+    def duration(self, key: str, default: float, minimum: float) -> float:
+        value = self.get(key, default, parse_duration)
+        if value < minimum:
+            raise self.error(key, f"must be at least {minimum:g}s, got {value:g}s")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        def parse(value: Any) -> bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"expected true or false, got {value!r}")
+            return value
+
+        return self.get(key, default, parse)
+
+    def string(self, key: str, default: str | None) -> str | None:
+        def parse(value: Any) -> str:
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"expected a non-empty string, got {value!r}")
+            return value
+
+        return self.get(key, default, parse)
+
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        def parse(value: Any) -> str:
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not allowed; allowed values: {', '.join(allowed)}")
+            return value
+
+        return self.get(key, default, parse)
+
+    def path(self, key: str, base_dir: Path) -> Path | None:
+        text = self.string(key, None)
+        if text is None:
+            return None
+        path = Path(text)
+        return path if path.is_absolute() else base_dir / path
+
+
+def _ip(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an IP address, got {value!r}")
+    return str(ipaddress.ip_address(value))
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http(s) URL such as http://127.0.0.1:8265, got {value!r}")
+    return value.rstrip("/")
+
+
+_SECTIONS = ("web", "collection", "gpu", "host", "attribution", "exporter")
+
+
+def build_config(document: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate a parsed YAML document into a Config. Paths are resolved against `base_dir`."""
+    base_dir = base_dir or Path.cwd()
+    top = _Reader(source, "", document, _SECTIONS)
+
+    web = _Reader(source, "web", top.node.get("web"), ("listen_address", "tls"))
+    listen = web.get("listen_address", ListenAddress(None, DEFAULT_PORT), _listen_from_yaml)
+    tls = None
+    if web.node.get("tls") is not None:
+        tls_reader = _Reader(
+            source,
+            "web.tls",
+            web.node["tls"],
+            ("cert_file", "key_file", "client_ca_file", "client_auth_required"),
+        )
+        cert = tls_reader.path("cert_file", base_dir)
+        key = tls_reader.path("key_file", base_dir)
+        if cert is None or key is None:
+            raise tls_reader.error(
+                "cert_file" if cert is None else "key_file", "TLS needs both cert_file and key_file"
+            )
+        client_ca = tls_reader.path("client_ca_file", base_dir)
+        auth_required = tls_reader.boolean("client_auth_required", False)
+        if auth_required and client_ca is None:
+            raise tls_reader.error("client_auth_required", "needs client_ca_file to verify clients against")
+        tls = TlsConfig(cert, key, client_ca, auth_required)
+
+    col = _Reader(
+        source,
+        "collection",
+        top.node.get("collection"),
+        ("interval", "call_timeout", "backend_retry_interval"),
+    )
+    interval = col.duration("interval", CollectionConfig().interval, 0.05)
+    call_timeout = col.duration("call_timeout", min(CollectionConfig().call_timeout, interval), 0.01)
+    if call_timeout > interval:
+        raise col.error(
+            "call_timeout", f"({call_timeout:g}s) must not exceed collection.interval ({interval:g}s)"
+        )
+    retry = col.duration("backend_retry_interval", CollectionConfig().backend_retry_interval, 0.05)
+
+    gpu = _Reader(source, "gpu", top.node.get("gpu"), ("backend", "fake_scenario"))
+    backend = gpu.choice("backend", "nvml", BACKENDS)
+    scenario_ref = gpu.string("fake_scenario", None)
+    scenario = None
+    if backend == "fake":
+        if scenario_ref is None:
+            raise gpu.error("fake_scenario", "is required when gpu.backend is fake")
+        try:
+            scenario = resolve_scenario_path(scenario_ref, base_dir)
+        except ScenarioError as err:
+            raise gpu.error("fake_scenario", str(err)) from None
+        if not scenario.is_file():
+            raise gpu.error("fake_scenario", f"{scenario} does not exist")
+    elif scenario_ref is not None:
+        raise gpu.error("fake_scenario", "is only used when gpu.backend is fake")
+
+    host = _Reader(source, "host", top.node.get("host"), ("proc_path",))
+    proc_path = host.path("proc_path", base_dir) or HostConfig().proc_path
+
+    att = _Reader(
+        source,
+        "attribution",
+        top.node.get("attribution"),
+        ("enabled", "dashboard_url", "token_file", "ttl", "request_timeout", "node_ip"),
+    )
+    attribution = AttributionConfig(
+        enabled=att.boolean("enabled", True),
+        dashboard_url=att.get("dashboard_url", AttributionConfig().dashboard_url, _url),
+        token_file=att.path("token_file", base_dir),
+        ttl=att.duration("ttl", AttributionConfig().ttl, 0.1),
+        request_timeout=att.duration("request_timeout", AttributionConfig().request_timeout, 0.05),
+        node_ip=att.get("node_ip", None, _ip),
+    )
+
+    exp = _Reader(
+        source, "exporter", top.node.get("exporter"), ("dcgm_compat", "hostname", "process_metrics")
+    )
+    exporter = ExporterConfig(
+        dcgm_compat=exp.boolean("dcgm_compat", False),
+        hostname=exp.string("hostname", None),
+        process_metrics=exp.boolean("process_metrics", True),
+    )
+
+    return Config(
+        web=WebConfig(listen, tls),
+        collection=CollectionConfig(interval, call_timeout, retry),
+        gpu=GpuConfig(backend, scenario),
+        host=HostConfig(proc_path),
+        attribution=attribution,
+        exporter=exporter,
+    )
+
+
+def _listen_from_yaml(value: Any) -> ListenAddress:
+    if not isinstance(value, str):
+        raise ValueError(f'expected a string such as "10.0.0.5:{DEFAULT_PORT}", got {value!r}')
+    return parse_listen_address(value)
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read the YAML file (or start from defaults) and apply dotted-key overrides from the command line."""
+    document: dict[str, Any] = {}
+    source = "<defaults>"
+    base_dir = Path.cwd()
+    if path is not None:
+        source = str(path)
+        base_dir = path.resolve().parent
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        document = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        current = document.get(section)
+        merged = dict(current) if isinstance(current, Mapping) else {}
+        merged[key] = value
+        document[section] = merged
+    return build_config(document, source, base_dir)

@@ -1,0 +1,391 @@
+"""Snapshot -> Prometheus metric families, in rayrack's own names and optionally dcgm-exporter's.
+
+`collect()` builds fresh families from the latest snapshot on every scrape; nothing here is a long-lived
+gauge, and nothing here calls the GPU backend. A field missing from a sample is simply not exported.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from ray_agent import __version__
+from ray_agent.clock import Clock, SystemClock
+from ray_agent.config import ExporterConfig
+from ray_agent.gpu.base import GpuSample
+from ray_agent.sampler import GpuStatus, Snapshot
+
+PREFIX = "rayrack_"
+_MIB = 1024 * 1024
+_GPU_LABELS = ["gpu", "uuid"]
+# dcgm-exporter's label set, so that its dashboards and queries work unchanged.
+DCGM_LABELS = ["gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION"]
+PROCESS_LABELS = ["gpu", "uuid", "pid", "user", "ray_job_id", "ray_actor", "ray_task"]
+
+
+def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, documentation, labels=labels)
+
+
+def _counter(name: str, documentation: str, labels: list[str] | None = None) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, documentation, labels=labels)
+
+
+# (family name, help, how to get the value from a sample) for the plain per-GPU gauges.
+_GPU_GAUGES: tuple[tuple[str, str, Callable[[GpuSample], float | None]], ...] = (
+    (
+        "gpu_utilization_ratio",
+        "Fraction of time a kernel was running on the GPU (0..1).",
+        lambda s: s.utilization_ratio,
+    ),
+    (
+        "gpu_memory_utilization_ratio",
+        "Fraction of time device memory was being read or written (0..1).",
+        lambda s: s.memory_utilization_ratio,
+    ),
+    ("gpu_memory_used_bytes", "Device memory in use.", lambda s: s.memory_used_bytes),
+    ("gpu_memory_total_bytes", "Device memory installed.", lambda s: s.memory_total_bytes),
+    ("gpu_power_watts", "Power draw.", lambda s: s.power_watts),
+    ("gpu_temperature_celsius", "GPU core temperature.", lambda s: s.temperature_celsius),
+    ("gpu_sm_clock_hertz", "Current SM clock.", lambda s: s.sm_clock_hertz),
+    ("gpu_memory_clock_hertz", "Current memory clock.", lambda s: s.memory_clock_hertz),
+    (
+        "gpu_xid_last_code",
+        "Code of the most recent XID error seen since the agent started.",
+        lambda s: s.last_xid,
+    ),
+)
+
+# (DCGM field, help, value) for dcgm-exporter's gauges, in its units.
+_DCGM_GAUGES: tuple[tuple[str, str, Callable[[GpuSample], float | None]], ...] = (
+    (
+        "DCGM_FI_DEV_GPU_UTIL",
+        "GPU utilization (in %).",
+        lambda s: None if s.utilization_ratio is None else round(s.utilization_ratio * 100, 4),
+    ),
+    (
+        "DCGM_FI_DEV_MEM_COPY_UTIL",
+        "Memory utilization (in %).",
+        lambda s: None if s.memory_utilization_ratio is None else round(s.memory_utilization_ratio * 100, 4),
+    ),
+    (
+        "DCGM_FI_DEV_FB_USED",
+        "Framebuffer memory used (in MiB).",
+        lambda s: None if s.memory_used_bytes is None else s.memory_used_bytes // _MIB,
+    ),
+    (
+        "DCGM_FI_DEV_FB_FREE",
+        "Framebuffer memory free (in MiB).",
+        lambda s: None if s.memory_free_bytes is None else s.memory_free_bytes // _MIB,
+    ),
+    ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", lambda s: s.power_watts),
+    ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", lambda s: s.temperature_celsius),
+    (
+        "DCGM_FI_DEV_SM_CLOCK",
+        "SM clock frequency (in MHz).",
+        lambda s: None if s.sm_clock_hertz is None else s.sm_clock_hertz / 1e6,
+    ),
+    (
+        "DCGM_FI_DEV_MEM_CLOCK",
+        "Memory clock frequency (in MHz).",
+        lambda s: None if s.memory_clock_hertz is None else s.memory_clock_hertz / 1e6,
+    ),
+    (
+        "DCGM_FI_DEV_XID_ERRORS",
+        "Value of the last XID error encountered.",
+        lambda s: None if s.xid_errors_total is None else (s.last_xid or 0),
+    ),
+)
+
+# dcgm-exporter types these as counters without a _total suffix, which the Prometheus text format cannot
+# express; untyped keeps the exact names (rate() works on them all the same).
+_DCGM_ECC: tuple[tuple[str, str, str], ...] = (
+    (
+        "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+        "Total number of single-bit volatile ECC errors.",
+        "corrected_volatile",
+    ),
+    (
+        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+        "Total number of double-bit volatile ECC errors.",
+        "uncorrected_volatile",
+    ),
+    (
+        "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL",
+        "Total number of single-bit persistent ECC errors.",
+        "corrected_aggregate",
+    ),
+    (
+        "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL",
+        "Total number of double-bit persistent ECC errors.",
+        "uncorrected_aggregate",
+    ),
+)
+
+
+class SnapshotCollector(Collector):
+    def __init__(
+        self,
+        source: Callable[[], Snapshot | None],
+        config: ExporterConfig,
+        stale_after: float,
+        clock: Clock | None = None,
+    ) -> None:
+        self._source = source
+        self._config = config
+        self._stale_after = stale_after
+        self._clock = clock or SystemClock()
+        self._hostname = config.hostname or socket.gethostname()
+
+    def describe(self) -> list[Metric]:
+        # Families depend on what the hardware reports; an empty description keeps the registry from
+        # calling collect() at registration time.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._source()
+        fresh = (
+            snapshot is not None and self._clock.monotonic() - snapshot.taken_monotonic <= self._stale_after
+        )
+        up = _gauge("up", "1 when the agent has a current collection (not older than 3 intervals), else 0.")
+        up.add_metric([], 1.0 if fresh else 0.0)
+        yield up
+        info = _gauge("agent_info", "Agent version; always 1.", ["version"])
+        info.add_metric([__version__], 1.0)
+        yield info
+        if snapshot is None:
+            return
+        groups = [
+            self._agent_families(snapshot),
+            self._backend_families(snapshot),
+            self._gpu_families(snapshot),
+            self._process_families(snapshot),
+            self._host_families(snapshot),
+        ]
+        if self._config.dcgm_compat:
+            groups.append(self._dcgm_families(snapshot))
+        for group in groups:
+            # A family with no series (no GPUs, field unsupported everywhere) is left out entirely.
+            yield from (family for family in group if family.samples)
+
+    @staticmethod
+    def _agent_families(snapshot: Snapshot) -> Iterator[Metric]:
+        last = _gauge("last_collection_timestamp_seconds", "When the latest collection finished.")
+        last.add_metric([], snapshot.taken_at)
+        yield last
+        success = _gauge(
+            "collector_success", "1 when the collector's latest run succeeded, else 0.", ["collector"]
+        )
+        duration = _gauge(
+            "collector_duration_seconds", "How long the collector's latest run took.", ["collector"]
+        )
+        for name, status in sorted(snapshot.collectors.items()):
+            success.add_metric([name], 1.0 if status.success else 0.0)
+            duration.add_metric([name], status.duration_seconds)
+        yield success
+        yield duration
+
+    @staticmethod
+    def _backend_families(snapshot: Snapshot) -> Iterator[Metric]:
+        backend = snapshot.backend
+        up = _gauge(
+            "gpu_backend_up", "1 when the GPU library is initialised and answering, else 0.", ["backend"]
+        )
+        up.add_metric([backend.name], 1.0 if backend.up else 0.0)
+        yield up
+        if backend.up:
+            info = _gauge("gpu_backend_info", "GPU library in use; always 1.", ["backend", "driver_version"])
+            info.add_metric([backend.name, backend.driver_version], 1.0)
+            yield info
+        elif backend.error is not None:
+            error = _gauge(
+                "gpu_backend_error_info",
+                "Why the GPU library is unavailable (NVML code and name); present only while it is down.",
+                ["backend", "code", "error"],
+            )
+            code = "" if backend.error.code is None else str(backend.error.code)
+            error.add_metric([backend.name, code, backend.error.name], 1.0)
+            yield error
+        failures = _counter(
+            "gpu_backend_init_failures", "Failed attempts to initialise the GPU library.", ["backend"]
+        )
+        failures.add_metric([backend.name], backend.init_failures_total)
+        yield failures
+
+    def _gpu_families(self, snapshot: Snapshot) -> Iterator[Metric]:
+        gpus = snapshot.gpus
+        up = _gauge(
+            "gpu_up",
+            "1 when the GPU was read this collection, else 0 (its other series are absent).",
+            _GPU_LABELS,
+        )
+        for status in gpus:
+            up.add_metric([str(status.index), status.uuid], 1.0 if status.up else 0.0)
+        yield up
+
+        read_errors = _counter(
+            "gpu_read_errors", "Collections in which the GPU could not be read, by error.", ["gpu", "error"]
+        )
+        for (index, error), count in sorted(snapshot.gpu_read_errors_total.items()):
+            read_errors.add_metric([str(index), error], count)
+        yield read_errors
+        field_errors = _counter(
+            "gpu_field_errors",
+            "Reads in which one field of a GPU failed and was left out, by field and error.",
+            ["gpu", "field", "error"],
+        )
+        for (index, field, error), count in sorted(snapshot.field_errors_total.items()):
+            field_errors.add_metric([str(index), field, error], count)
+        yield field_errors
+
+        readable = [(status, status.sample) for status in gpus if status.sample is not None]
+        info = _gauge(
+            "gpu_info", "GPU identity; always 1.", ["gpu", "uuid", "model", "driver_version", "pci_bus_id"]
+        )
+        for status, sample in readable:
+            info.add_metric(
+                [
+                    str(status.index),
+                    sample.uuid,
+                    sample.model,
+                    snapshot.backend.driver_version,
+                    sample.pci_bus_id,
+                ],
+                1.0,
+            )
+        yield info
+
+        for name, documentation, value_of in _GPU_GAUGES:
+            family = _gauge(name, documentation, _GPU_LABELS)
+            for status, sample in readable:
+                value = value_of(sample)
+                if value is not None:
+                    family.add_metric([str(status.index), sample.uuid], value)
+            yield family
+
+        ecc = _counter(
+            "gpu_ecc_errors",
+            "ECC memory errors; volatile since the driver loaded, aggregate lifetime.",
+            [*_GPU_LABELS, "type", "scope"],
+        )
+        xid = _counter("gpu_xid_errors", "XID errors seen since the agent started.", _GPU_LABELS)
+        pcie = _gauge(
+            "gpu_pcie_throughput_bytes_per_second",
+            "PCIe throughput over NVML's sample window.",
+            [*_GPU_LABELS, "direction"],
+        )
+        nvlink = _counter(
+            "gpu_nvlink_transferred_bytes",
+            "Data sent or received over all NVLink links.",
+            [*_GPU_LABELS, "direction"],
+        )
+        processes = _gauge("gpu_processes", "Compute processes on the GPU.", _GPU_LABELS)
+        for status, sample in readable:
+            labels = [str(status.index), sample.uuid]
+            if sample.ecc is not None:
+                for kind, scope, count in (
+                    ("corrected", "volatile", sample.ecc.corrected_volatile),
+                    ("uncorrected", "volatile", sample.ecc.uncorrected_volatile),
+                    ("corrected", "aggregate", sample.ecc.corrected_aggregate),
+                    ("uncorrected", "aggregate", sample.ecc.uncorrected_aggregate),
+                ):
+                    if count is not None:
+                        ecc.add_metric([*labels, kind, scope], count)
+            if sample.xid_errors_total is not None:
+                xid.add_metric(labels, sample.xid_errors_total)
+            if sample.pcie_tx_bytes_per_second is not None:
+                pcie.add_metric([*labels, "tx"], sample.pcie_tx_bytes_per_second)
+            if sample.pcie_rx_bytes_per_second is not None:
+                pcie.add_metric([*labels, "rx"], sample.pcie_rx_bytes_per_second)
+            if sample.nvlink_tx_bytes_total is not None:
+                nvlink.add_metric([*labels, "tx"], sample.nvlink_tx_bytes_total)
+            if sample.nvlink_rx_bytes_total is not None:
+                nvlink.add_metric([*labels, "rx"], sample.nvlink_rx_bytes_total)
+            if sample.processes is not None:
+                processes.add_metric(labels, len(sample.processes))
+        yield ecc
+        yield xid
+        yield pcie
+        yield nvlink
+        yield processes
+
+    @staticmethod
+    def _process_families(snapshot: Snapshot) -> Iterator[Metric]:
+        memory = _gauge("gpu_process_memory_used_bytes", "Device memory used by one process.", PROCESS_LABELS)
+        for entry in snapshot.processes:
+            if entry.used_memory_bytes is None:
+                continue
+            memory.add_metric(
+                [
+                    str(entry.gpu),
+                    entry.uuid,
+                    str(entry.pid),
+                    entry.user,
+                    entry.ray_job_id,
+                    entry.ray_actor,
+                    entry.ray_task,
+                ],
+                entry.used_memory_bytes,
+            )
+        yield memory
+
+    @staticmethod
+    def _host_families(snapshot: Snapshot) -> Iterator[Metric]:
+        host = snapshot.host
+        if host is None:
+            return
+        for name, documentation, value in (
+            ("host_memory_total_bytes", "Physical memory.", host.memory_total_bytes),
+            (
+                "host_memory_available_bytes",
+                "Memory available for new work without swapping.",
+                host.memory_available_bytes,
+            ),
+            ("host_swap_total_bytes", "Swap space.", host.swap_total_bytes),
+            ("host_swap_free_bytes", "Unused swap space.", host.swap_free_bytes),
+        ):
+            family = _gauge(name, documentation)
+            family.add_metric([], value)
+            yield family
+        cpu = _counter("host_cpu_seconds", "CPU time spent in each mode, summed over all CPUs.", ["mode"])
+        for mode, seconds in host.cpu_seconds:
+            cpu.add_metric([mode], seconds)
+        yield cpu
+
+    def _dcgm_families(self, snapshot: Snapshot) -> Iterator[Metric]:
+        readable = [(s, s.sample) for s in snapshot.gpus if s.sample is not None]
+        driver = snapshot.backend.driver_version
+
+        def labels(status: GpuStatus, sample: GpuSample) -> list[str]:
+            return [
+                str(status.index),
+                sample.uuid,
+                sample.pci_bus_id,
+                f"nvidia{status.index}",
+                sample.model,
+                self._hostname,
+                driver,
+            ]
+
+        for field, documentation, value_of in _DCGM_GAUGES:
+            family = GaugeMetricFamily(field, documentation, labels=DCGM_LABELS)
+            for status, sample in readable:
+                value = value_of(sample)
+                if value is not None:
+                    family.add_metric(labels(status, sample), value)
+            yield family
+        for field, documentation, attribute in _DCGM_ECC:
+            family = UnknownMetricFamily(field, documentation, labels=DCGM_LABELS)
+            for status, sample in readable:
+                count = getattr(sample.ecc, attribute) if sample.ecc is not None else None
+                if count is not None:
+                    family.add_metric(labels(status, sample), count)
+            yield family

@@ -1,0 +1,1 @@
+"""GPU backends: the interface (base), NVML, and the scenario-driven fake."""

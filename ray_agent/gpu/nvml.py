@@ -1,0 +1,230 @@
+"""GPU backend on NVML through nvidia-ml-py (the `pynvml` module).
+
+Every pynvml.NVMLError is turned into GpuError with NVML's code, so the sampler treats this backend and the
+fake alike. Static identity (UUID, model, PCI bus id) is read once per device and init.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pynvml
+
+from ray_agent.gpu.base import (
+    DEVICE_CALL,
+    BackendInfo,
+    EccCounts,
+    FieldCollector,
+    GpuError,
+    GpuProcess,
+    GpuSample,
+)
+
+T = TypeVar("T")
+
+_KIB = 1024
+_MHZ = 1_000_000
+# nvmlDeviceGetFieldValues scope meaning "all NVLink links summed".
+_ALL_LINKS = 0xFFFFFFFF
+# Bound on XID events drained per read, so an event storm cannot keep one read busy.
+_MAX_EVENTS_PER_READ = 1000
+
+
+def _nvml(call: str, fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except pynvml.NVMLError as err:
+        raise GpuError(int(err.value), call=call, detail=str(err)) from None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+@dataclass
+class _Device:
+    handle: Any
+    uuid: str
+    model: str
+    pci_bus_id: str
+    event_set: Any | None
+    event_error: GpuError | None
+    xid_count: int = 0
+    last_xid: int | None = None
+
+
+class NvmlBackend:
+    name = "nvml"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._devices: dict[int, _Device] = {}
+        self._initialised = False
+
+    def init(self) -> BackendInfo:
+        _nvml("init", pynvml.nvmlInit)
+        self._initialised = True
+        driver = _text(_nvml("init", pynvml.nvmlSystemGetDriverVersion))
+        count = int(_nvml("init", pynvml.nvmlDeviceGetCount))
+        return BackendInfo(name=self.name, driver_version=driver, device_count=count)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            devices, self._devices = self._devices, {}
+        for device in devices.values():
+            if device.event_set is not None:
+                # The library is going away anyway; a failure to free changes nothing.
+                with contextlib.suppress(pynvml.NVMLError):
+                    pynvml.nvmlEventSetFree(device.event_set)
+        if self._initialised:
+            self._initialised = False
+            _nvml("shutdown", pynvml.nvmlShutdown)
+
+    def _open(self, index: int) -> _Device:
+        with self._lock:
+            device = self._devices.get(index)
+        if device is not None:
+            return device
+        handle = _nvml(DEVICE_CALL, pynvml.nvmlDeviceGetHandleByIndex, index)
+        uuid = _text(_nvml(DEVICE_CALL, pynvml.nvmlDeviceGetUUID, handle))
+        model = _text(_nvml(DEVICE_CALL, pynvml.nvmlDeviceGetName, handle))
+        pci = _text(_nvml(DEVICE_CALL, pynvml.nvmlDeviceGetPciInfo, handle).busId)
+        event_set = None
+        event_error = None
+        try:
+            event_set = _nvml("xid", pynvml.nvmlEventSetCreate)
+            _nvml(
+                "xid",
+                pynvml.nvmlDeviceRegisterEvents,
+                handle,
+                pynvml.nvmlEventTypeXidCriticalError,
+                event_set,
+            )
+        except GpuError as err:
+            # Some boards do not deliver XID events; the field is then reported as failing on every read.
+            event_error = err
+            if event_set is not None:
+                with contextlib.suppress(pynvml.NVMLError):
+                    pynvml.nvmlEventSetFree(event_set)
+                event_set = None
+        device = _Device(handle, uuid, model, pci, event_set, event_error)
+        with self._lock:
+            self._devices[index] = device
+        return device
+
+    def read_device(self, index: int) -> GpuSample:
+        device = self._open(index)
+        handle = device.handle
+        fields = FieldCollector()
+
+        memory = fields.read("memory", lambda: _nvml("memory", pynvml.nvmlDeviceGetMemoryInfo, handle))
+        rates = fields.read(
+            "utilization", lambda: _nvml("utilization", pynvml.nvmlDeviceGetUtilizationRates, handle)
+        )
+        power_mw = fields.read("power", lambda: _nvml("power", pynvml.nvmlDeviceGetPowerUsage, handle))
+        temperature = fields.read(
+            "temperature",
+            lambda: _nvml(
+                "temperature", pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU
+            ),
+        )
+        sm_clock = fields.read(
+            "sm_clock", lambda: _nvml("sm_clock", pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_SM)
+        )
+        mem_clock = fields.read(
+            "memory_clock",
+            lambda: _nvml("memory_clock", pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_MEM),
+        )
+        ecc = fields.read("ecc", lambda: self._read_ecc(handle))
+        xid = fields.read("xid", lambda: self._drain_xid(device))
+        pcie = fields.read("pcie", lambda: self._read_pcie(handle))
+        nvlink = fields.read("nvlink", lambda: self._read_nvlink(handle))
+        processes = fields.read("processes", lambda: self._read_processes(handle))
+
+        return GpuSample(
+            index=index,
+            uuid=device.uuid,
+            model=device.model,
+            pci_bus_id=device.pci_bus_id,
+            memory_total_bytes=int(memory.total) if memory is not None else None,
+            memory_used_bytes=int(memory.used) if memory is not None else None,
+            memory_free_bytes=int(memory.free) if memory is not None else None,
+            utilization_ratio=rates.gpu / 100.0 if rates is not None else None,
+            memory_utilization_ratio=rates.memory / 100.0 if rates is not None else None,
+            power_watts=power_mw / 1000.0 if power_mw is not None else None,
+            temperature_celsius=float(temperature) if temperature is not None else None,
+            sm_clock_hertz=float(sm_clock) * _MHZ if sm_clock is not None else None,
+            memory_clock_hertz=float(mem_clock) * _MHZ if mem_clock is not None else None,
+            ecc=ecc,
+            xid_errors_total=xid[0] if xid is not None else None,
+            last_xid=xid[1] if xid is not None else None,
+            pcie_tx_bytes_per_second=pcie[0] if pcie is not None else None,
+            pcie_rx_bytes_per_second=pcie[1] if pcie is not None else None,
+            nvlink_tx_bytes_total=nvlink[0] if nvlink is not None else None,
+            nvlink_rx_bytes_total=nvlink[1] if nvlink is not None else None,
+            processes=processes,
+            field_errors=tuple(fields.errors),
+        )
+
+    @staticmethod
+    def _read_ecc(handle: Any) -> EccCounts:
+        def total(kind: int, counter: int) -> int:
+            return int(_nvml("ecc", pynvml.nvmlDeviceGetTotalEccErrors, handle, kind, counter))
+
+        corrected = pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED
+        uncorrected = pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+        return EccCounts(
+            corrected_volatile=total(corrected, pynvml.NVML_VOLATILE_ECC),
+            uncorrected_volatile=total(uncorrected, pynvml.NVML_VOLATILE_ECC),
+            corrected_aggregate=total(corrected, pynvml.NVML_AGGREGATE_ECC),
+            uncorrected_aggregate=total(uncorrected, pynvml.NVML_AGGREGATE_ECC),
+        )
+
+    @staticmethod
+    def _drain_xid(device: _Device) -> tuple[int, int | None]:
+        if device.event_set is None:
+            raise device.event_error or GpuError(3, call="xid")
+        for _ in range(_MAX_EVENTS_PER_READ):
+            try:
+                event = pynvml.nvmlEventSetWait_v2(device.event_set, 0)
+            except pynvml.NVMLError as err:
+                if err.value == pynvml.NVML_ERROR_TIMEOUT:
+                    break  # no more pending events
+                raise GpuError(int(err.value), call="xid", detail=str(err)) from None
+            if event.eventType == pynvml.nvmlEventTypeXidCriticalError:
+                device.xid_count += 1
+                device.last_xid = int(event.eventData)
+        return device.xid_count, device.last_xid
+
+    @staticmethod
+    def _read_pcie(handle: Any) -> tuple[float, float]:
+        tx = _nvml("pcie", pynvml.nvmlDeviceGetPcieThroughput, handle, pynvml.NVML_PCIE_UTIL_TX_BYTES)
+        rx = _nvml("pcie", pynvml.nvmlDeviceGetPcieThroughput, handle, pynvml.NVML_PCIE_UTIL_RX_BYTES)
+        return float(tx) * _KIB, float(rx) * _KIB
+
+    @staticmethod
+    def _read_nvlink(handle: Any) -> tuple[int, int]:
+        ids = [
+            (pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, _ALL_LINKS),
+            (pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, _ALL_LINKS),
+        ]
+        values = _nvml("nvlink", pynvml.nvmlDeviceGetFieldValues, handle, ids)
+        for value in values:
+            if value.nvmlReturn != pynvml.NVML_SUCCESS:
+                raise GpuError(int(value.nvmlReturn), call="nvlink")
+        return int(values[0].value.ullVal) * _KIB, int(values[1].value.ullVal) * _KIB
+
+    @staticmethod
+    def _read_processes(handle: Any) -> tuple[GpuProcess, ...]:
+        found = _nvml("processes", pynvml.nvmlDeviceGetComputeRunningProcesses, handle)
+        return tuple(
+            GpuProcess(
+                pid=int(p.pid),
+                used_memory_bytes=int(p.usedGpuMemory) if p.usedGpuMemory is not None else None,
+            )
+            for p in found
+        )

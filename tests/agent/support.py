@@ -1,0 +1,124 @@
+"""Test helpers: scenario paths, free ports, real agent processes, plain HTTP GETs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ray_agent.clock import FakeClock
+from ray_agent.config import AttributionConfig, CollectionConfig
+from ray_agent.gpu.fake import FakeBackend, parse_scenario
+from ray_agent.host import HostReader
+from ray_agent.sampler import Sampler
+
+TESTS = Path(__file__).resolve().parent.parent
+SCENARIOS = TESTS / "scenarios"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PROC_FIXTURE = FIXTURES / "proc"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 10.0, context: object = None) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def wait_for_metrics(
+    url: str, process: subprocess.Popen | None = None, deadline: float = 20.0, context: object = None
+) -> str:
+    """Poll until the agent answers; fail early if its process exits."""
+    end = time.monotonic() + deadline
+    last: Exception | None = None
+    while time.monotonic() < end:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"agent exited early with {process.returncode}: {process.stderr.read()}")
+        try:
+            status, body = http_get(url, timeout=2.0, context=context)
+            if status == 200 and "rayrack_last_collection_timestamp_seconds" in body:
+                return body
+        except OSError as err:
+            last = err
+        time.sleep(0.05)
+    raise AssertionError(f"no metrics from {url}: {last}")
+
+
+def metric_lines(body: str, name: str) -> list[str]:
+    return [line for line in body.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")]
+
+
+def sample_value(body: str, name: str, **labels: str) -> float | None:
+    """Value of the one series of `name` whose labels include `labels`, None when absent."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    found = [line for line in metric_lines(body, name) if all(w in line for w in wanted)]
+    if not found:
+        return None
+    assert len(found) == 1, found
+    return float(found[0].rsplit(" ", 1)[1])
+
+
+def fake_sampler(
+    scenario_text: str,
+    clock: FakeClock | None = None,
+    interval: float = 1.0,
+    call_timeout: float = 0.5,
+    retry: float = 10.0,
+    attribution: object = None,
+) -> tuple[Sampler, FakeBackend, FakeClock]:
+    clock = clock or FakeClock()
+    backend = FakeBackend(parse_scenario(scenario_text, "<test>"), clock)
+    sampler = Sampler(
+        backend,
+        HostReader(PROC_FIXTURE),
+        attribution,
+        CollectionConfig(interval=interval, call_timeout=call_timeout, backend_retry_interval=retry),
+        clock,
+    )
+    return sampler, backend, clock
+
+
+DISABLED_ATTRIBUTION = AttributionConfig(enabled=False)
+
+
+class AgentProcess:
+    """A real `ray-agent` process on 127.0.0.1, stopped with SIGTERM at the end of the test."""
+
+    def __init__(self, args: list[str], cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/metrics"
+        command = [
+            sys.executable,
+            "-m",
+            "ray_agent.cli",
+            "--web.listen-address",
+            f"127.0.0.1:{self.port}",
+            *args,
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode

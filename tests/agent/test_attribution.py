@@ -1,0 +1,305 @@
+"""Ray attribution against a local HTTP server that answers like Ray's dashboard state API."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import yaml
+
+from agent.support import fake_sampler
+from ray_agent.attribution import Attribution, RayIdentity, identities_from_state
+from ray_agent.clock import FakeClock
+from ray_agent.config import AttributionConfig
+
+NODE_IP = "127.0.0.1"
+NODE_ID = "f" * 56
+TOKEN = "cluster-secret-token"
+
+STATE = {
+    "nodes": [
+        {"node_id": NODE_ID, "node_ip": NODE_IP, "state": "ALIVE", "is_head_node": True},
+        {"node_id": "e" * 56, "node_ip": "127.0.0.2", "state": "ALIVE", "is_head_node": False},
+    ],
+    "actors": [
+        {
+            "actor_id": "a1",
+            "class_name": "Trainer",
+            "state": "ALIVE",
+            "job_id": "02000000",
+            "pid": 1001,
+            "node_id": NODE_ID,
+            "name": "",
+        },
+        {
+            "actor_id": "a2",
+            "class_name": "Elsewhere",
+            "state": "ALIVE",
+            "job_id": "02000000",
+            "pid": 1001,
+            "node_id": "e" * 56,
+            "name": "",
+        },
+        {
+            "actor_id": "a3",
+            "class_name": "Gone",
+            "state": "DEAD",
+            "job_id": "01000000",
+            "pid": 1003,
+            "node_id": NODE_ID,
+            "name": "",
+        },
+    ],
+    "tasks": [
+        {
+            "task_id": "t1",
+            "name": "Trainer.fit",
+            "state": "RUNNING",
+            "job_id": "02000000",
+            "actor_id": "a1",
+            "type": "ACTOR_TASK",
+            "func_or_class_name": "Trainer.fit",
+            "node_id": NODE_ID,
+            "worker_pid": 1001,
+        },
+        {
+            "task_id": "t2",
+            "name": "preprocess",
+            "state": "RUNNING",
+            "job_id": "03000000",
+            "actor_id": None,
+            "type": "NORMAL_TASK",
+            "func_or_class_name": "preprocess",
+            "node_id": NODE_ID,
+            "worker_pid": 1002,
+        },
+        {
+            "task_id": "t3",
+            "name": "finished",
+            "state": "FINISHED",
+            "job_id": "03000000",
+            "actor_id": None,
+            "type": "NORMAL_TASK",
+            "func_or_class_name": "finished",
+            "node_id": NODE_ID,
+            "worker_pid": 1003,
+        },
+    ],
+}
+
+
+class RayDashboard:
+    """Serves /api/v0/{nodes,actors,tasks} with Ray's envelope and filter semantics; may require a token."""
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+        self.requests: list[str] = []
+        self.slow_release = threading.Event()
+        self.slow = False
+        dashboard = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                dashboard.requests.append(self.path)
+                if dashboard.slow:
+                    dashboard.slow_release.wait(10)
+                if dashboard.token and self.headers.get("Authorization") != f"Bearer {dashboard.token}":
+                    self.reply(401, {"result": False, "msg": "Unauthorized", "data": {}})
+                    return
+                resource = parts.path.removeprefix("/api/v0/")
+                if resource not in STATE:
+                    self.reply(404, {"result": False, "msg": "not found", "data": {}})
+                    return
+                query = parse_qs(parts.query)
+                filters = zip(
+                    query.get("filter_keys", []),
+                    query.get("filter_predicates", []),
+                    query.get("filter_values", []),
+                    strict=True,
+                )
+                rows = STATE[resource]
+                for key, predicate, value in filters:
+                    assert predicate == "="
+                    rows = [r for r in rows if str(r.get(key)).lower() == value.lower()]
+                result = {
+                    "total": len(rows),
+                    "num_after_truncation": len(rows),
+                    "num_filtered": len(rows),
+                    "result": rows,
+                    "partial_failure_warning": "",
+                    "warnings": None,
+                }
+                self.reply(200, {"result": True, "msg": "", "data": {"result": result}})
+
+            def reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.slow_release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def dashboard() -> Iterator[RayDashboard]:
+    server = RayDashboard(token=TOKEN)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "auth_token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def attribution_for(
+    dashboard: RayDashboard, token_file: Path | None, clock: FakeClock | None = None, ttl: float = 10.0
+) -> Attribution:
+    config = AttributionConfig(
+        enabled=True, dashboard_url=dashboard.url, token_file=token_file, ttl=ttl, request_timeout=2.0
+    )
+    return Attribution(config, node_ip=NODE_IP, clock=clock or FakeClock())
+
+
+def test_identities_from_state_rows() -> None:
+    found = identities_from_state(STATE["actors"][:1], STATE["tasks"][:2])
+    assert found == {
+        1001: RayIdentity(job_id="02000000", actor="Trainer", task="Trainer.fit"),
+        1002: RayIdentity(job_id="03000000", actor="", task="preprocess"),
+    }
+
+
+def test_refresh_maps_pids_on_this_node_with_the_token(dashboard: RayDashboard, token_file: Path) -> None:
+    attribution = attribution_for(dashboard, token_file)
+    status = attribution.refresh()
+    assert status.success, status.error
+    assert attribution.ray_identity(1001) == RayIdentity("02000000", "Trainer", "Trainer.fit")
+    assert attribution.ray_identity(1002) == RayIdentity("03000000", "", "preprocess")
+    assert attribution.ray_identity(1003) is None  # dead actor, finished task
+    nodes_request = dashboard.requests[0]
+    assert nodes_request.startswith("/api/v0/nodes?") and "filter_values=127.0.0.1" in nodes_request
+    assert any(r.startswith("/api/v0/tasks?") and "filter_values=RUNNING" in r for r in dashboard.requests)
+
+
+def test_missing_token_is_reported(dashboard: RayDashboard) -> None:
+    attribution = attribution_for(dashboard, None)
+    status = attribution.refresh()
+    assert not status.success and "HTTP 401" in status.error and "token" in status.error
+
+
+def test_unreadable_token_file(dashboard: RayDashboard, tmp_path: Path) -> None:
+    status = attribution_for(dashboard, tmp_path / "absent").refresh()
+    assert not status.success and "cannot read token file" in status.error
+
+
+def test_absent_ray_keeps_the_last_answer_until_it_is_stale(
+    dashboard: RayDashboard, token_file: Path
+) -> None:
+    clock = FakeClock()
+    attribution = attribution_for(dashboard, token_file, clock, ttl=10.0)
+    assert attribution.refresh().success
+    dashboard.close()
+    assert not attribution.refresh().success
+    assert attribution.ray_identity(1001) is not None
+    clock.advance(31)
+    assert attribution.ray_identity(1001) is None
+
+
+def test_labels_reach_the_snapshot_and_users_come_from_proc(
+    dashboard: RayDashboard, token_file: Path
+) -> None:
+    own_pid = os.getpid()
+    STATE["tasks"].append(
+        {
+            "task_id": "t9",
+            "name": "me",
+            "state": "RUNNING",
+            "job_id": "09000000",
+            "actor_id": None,
+            "type": "NORMAL_TASK",
+            "func_or_class_name": "me",
+            "node_id": NODE_ID,
+            "worker_pid": own_pid,
+        }
+    )
+    try:
+        clock = FakeClock()
+        attribution = attribution_for(dashboard, token_file, clock)
+        assert attribution.refresh().success
+        text = yaml.safe_dump(
+            {
+                "gpus": [
+                    {
+                        "model": "A",
+                        "memory_total": "8GiB",
+                        "processes": [
+                            {"pid": 1001, "user": "alice", "memory": "1GiB"},
+                            {"pid": own_pid, "memory": "2GiB"},  # no user given: looked up in /proc
+                        ],
+                    }
+                ]
+            }
+        )
+        sampler, _, _ = fake_sampler(text, clock=clock, attribution=attribution)
+        snapshot = sampler.collect_once()
+    finally:
+        STATE["tasks"].pop()
+    by_pid = {p.pid: p for p in snapshot.processes}
+    assert (by_pid[1001].ray_job_id, by_pid[1001].ray_actor, by_pid[1001].ray_task) == (
+        "02000000",
+        "Trainer",
+        "Trainer.fit",
+    )
+    assert by_pid[1001].user == "alice"
+    assert by_pid[own_pid].user == pwd.getpwuid(os.getuid()).pw_name
+    assert by_pid[own_pid].ray_task == "me"
+    assert snapshot.collectors["attribution"].success
+
+
+def test_slow_ray_never_blocks_collection(dashboard: RayDashboard, token_file: Path) -> None:
+    dashboard.slow = True
+    attribution = attribution_for(dashboard, token_file)
+    attribution.start()
+    try:
+        sampler, _, _ = fake_sampler(
+            yaml.safe_dump(
+                {"gpus": [{"model": "A", "memory_total": "8GiB", "processes": [{"pid": 1001, "memory": 1}]}]}
+            ),
+            attribution=attribution,
+        )
+        snapshot = sampler.collect_once()
+        # The collection finished while the first Ray request is still parked in the server.
+        assert attribution.status is None
+        assert snapshot.processes[0].ray_job_id == ""
+        assert "attribution" not in snapshot.collectors
+        dashboard.slow = False
+        dashboard.slow_release.set()
+        assert attribution.wait_for_refresh(1, timeout=10)
+        assert sampler.collect_once().processes[0].ray_actor == "Trainer"
+    finally:
+        attribution.stop()

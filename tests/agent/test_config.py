@@ -1,0 +1,150 @@
+"""Configuration: defaults, every error names its key and what is allowed, flags override files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.support import SCENARIOS
+from ray_agent.config import (
+    DEFAULT_PORT,
+    Config,
+    ConfigError,
+    ListenAddress,
+    build_config,
+    load_config,
+    parse_listen_address,
+)
+
+
+def test_defaults() -> None:
+    config = build_config({})
+    assert config == Config()
+    assert config.web.listen_address == ListenAddress(None, 9489)
+    assert config.gpu.backend == "nvml" and config.exporter.dcgm_compat is False
+    assert (config.collection.interval, config.collection.call_timeout) == (5.0, 2.0)
+
+
+def test_full_example_from_the_docstring(tmp_path: Path) -> None:
+    import ray_agent.config as module
+
+    example = module.__doc__.split("Example (every key optional)::", 1)[1]
+    document = yaml.safe_load("\n".join(line[4:] for line in example.splitlines()))
+    (tmp_path / "tls.crt").write_text("x")
+    config = build_config(document, "example.yml", tmp_path)
+    assert config.web.listen_address == ListenAddress("10.0.0.5", 9489)
+    assert config.web.tls is not None and config.web.tls.client_ca_file == Path("/etc/ray-agent/ca.crt")
+    assert config.gpu.backend == "nvml"
+    assert config.attribution.token_file == Path("/etc/ray/auth_token")
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"colection": {}}, r"colection: unknown key; allowed keys: web, collection, gpu, host, attribution"),
+        (
+            {"collection": {"intervall": "1s"}},
+            r"collection\.intervall: unknown key; allowed keys: interval, call_timeout",
+        ),
+        ({"gpu": {"backend": "cuda"}}, r"gpu\.backend: 'cuda' is not allowed; allowed values: nvml, fake"),
+        ({"gpu": {"backend": "fake"}}, r"gpu\.fake_scenario: is required when gpu\.backend is fake"),
+        ({"gpu": {"fake_scenario": "x.yml"}}, r"gpu\.fake_scenario: is only used when gpu\.backend is fake"),
+        (
+            {"gpu": {"backend": "fake", "fake_scenario": "nope.yml"}},
+            r"gpu\.fake_scenario: .*nope\.yml does not exist",
+        ),
+        (
+            {"gpu": {"backend": "fake", "fake_scenario": "builtin:nope"}},
+            r"gpu\.fake_scenario: no bundled scenario",
+        ),
+        ({"collection": {"interval": "fast"}}, r"collection\.interval: expected a duration"),
+        ({"collection": {"interval": "10ms"}}, r"collection\.interval: must be at least 0\.05s"),
+        (
+            {"collection": {"interval": "1s", "call_timeout": "2s"}},
+            r"collection\.call_timeout: \(2s\) must not exceed collection\.interval \(1s\)",
+        ),
+        (
+            {"web": {"listen_address": "host:99999"}},
+            r"web\.listen_address: port must be a number from 1 to 65535",
+        ),
+        ({"web": {"listen_address": 9489}}, r"web\.listen_address: expected a string"),
+        (
+            {"web": {"tls": {"cert_file": "c.pem"}}},
+            r"web\.tls\.key_file: TLS needs both cert_file and key_file",
+        ),
+        (
+            {"web": {"tls": {"cert_file": "c", "key_file": "k", "client_auth_required": True}}},
+            r"web\.tls\.client_auth_required: needs client_ca_file",
+        ),
+        ({"attribution": {"enabled": "yes"}}, r"attribution\.enabled: expected true or false, got 'yes'"),
+        (
+            {"attribution": {"dashboard_url": "localhost:8265"}},
+            r"attribution\.dashboard_url: expected an http\(s\) URL",
+        ),
+        (
+            {"attribution": {"node_ip": "node-7"}},
+            r"attribution\.node_ip: .*does not appear to be an IPv4 or IPv6",
+        ),
+        ({"exporter": {"dcgm_compat": 1}}, r"exporter\.dcgm_compat: expected true or false"),
+        ({"exporter": []}, r"exporter: expected a mapping"),
+    ],
+)
+def test_errors_name_the_key(document: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(document, "agent.yml", SCENARIOS)
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yml")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("web: [\n")
+    with pytest.raises(ConfigError, match=r"bad\.yml: not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yml"
+    scalar.write_text("just text\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(scalar)
+
+
+def test_paths_are_relative_to_the_config_file_and_flags_override(tmp_path: Path) -> None:
+    (tmp_path / "s.yml").write_text("gpus: []\n")
+    path = tmp_path / "agent.yml"
+    path.write_text("gpu: {backend: fake, fake_scenario: s.yml}\nweb: {listen_address: '10.1.2.3:9000'}\n")
+    config = load_config(path)
+    assert config.gpu.fake_scenario == tmp_path / "s.yml"
+    overridden = load_config(
+        path, {"web.listen_address": "127.0.0.1:9100", "gpu.fake_scenario": "builtin:lab-2gpu"}
+    )
+    assert overridden.web.listen_address == ListenAddress("127.0.0.1", 9100)
+    assert overridden.gpu.fake_scenario.name == "lab-2gpu.yml"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (":9100", ListenAddress(None, 9100)),
+        ("10.0.0.5", ListenAddress("10.0.0.5", DEFAULT_PORT)),
+        ("[::1]:9100", ListenAddress("::1", 9100)),
+        ("::1", ListenAddress("::1", DEFAULT_PORT)),
+        ("node-a:80", ListenAddress("node-a", 80)),
+    ],
+)
+def test_listen_addresses(text: str, expected: ListenAddress) -> None:
+    assert parse_listen_address(text) == expected
+
+
+@given(host=st.ip_addresses(v=4).map(str), port=st.integers(min_value=1, max_value=65535))
+def test_listen_address_round_trip(host: str, port: int) -> None:
+    address = ListenAddress(host, port)
+    assert parse_listen_address(str(address)) == address
+
+
+@pytest.mark.parametrize("text", ["", "h:0", "h:x", "[::1", "[::1]9100"])
+def test_bad_listen_addresses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen_address(text)

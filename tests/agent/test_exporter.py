@@ -1,0 +1,158 @@
+"""Exposition text: golden files over real HTTP, and the rules for missing, failed and stale data.
+
+Regenerate the golden files with RAYRACK_UPDATE_GOLDEN=1 after an intended change, and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from agent.support import SCENARIOS, fake_sampler, http_get, metric_lines, sample_value
+from ray_agent.cli import build_agent
+from ray_agent.clock import FakeClock
+from ray_agent.config import ExporterConfig, load_config
+from ray_agent.exporter import SnapshotCollector
+from ray_agent.server import MetricsServer
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+UPDATE = os.environ.get("RAYRACK_UPDATE_GOLDEN") == "1"
+
+
+def served_metrics(dcgm_compat: bool) -> str:
+    overrides = {"exporter.dcgm_compat": True} if dcgm_compat else {}
+    config = load_config(SCENARIOS / "golden.config.yml", overrides)
+    clock = FakeClock(wall=1_700_000_000.0, monotonic=500.0)
+    agent = build_agent(config, clock=clock, host="127.0.0.1")
+    clock.advance(12)  # second utilisation segment, first XID seen, both processes running
+    agent.sampler.collect_once()
+    server = MetricsServer(agent.registry, "127.0.0.1", 0)
+    server.start()
+    try:
+        status, body = http_get(f"http://127.0.0.1:{server.bound_port}/metrics")
+    finally:
+        server.stop()
+        agent.sampler.stop()
+    assert status == 200
+    return body
+
+
+@pytest.mark.parametrize(("name", "dcgm_compat"), [("native.prom", False), ("dcgm_compat.prom", True)])
+def test_golden_exposition(name: str, dcgm_compat: bool) -> None:
+    body = served_metrics(dcgm_compat)
+    golden = GOLDEN / name
+    if UPDATE:
+        golden.write_text(body)
+    assert golden.exists(), f"{golden} missing; run with RAYRACK_UPDATE_GOLDEN=1 to create it"
+    assert body == golden.read_text()
+
+
+def test_golden_content_follows_the_rules() -> None:
+    """Spot checks on the golden output, so that a regenerated file cannot silently drop the rules."""
+    body = (GOLDEN / "native.prom").read_text()
+    # Base units.
+    assert sample_value(body, "rayrack_gpu_utilization_ratio", gpu="0") == 0.75
+    assert sample_value(body, "rayrack_gpu_memory_used_bytes", gpu="0") == 21 * 2**30
+    assert sample_value(body, "rayrack_gpu_sm_clock_hertz", gpu="0") == 1.41e9
+    # Unsupported field: absent (never -1) and counted.
+    assert sample_value(body, "rayrack_gpu_power_watts", gpu="1") is None
+    assert (
+        sample_value(body, "rayrack_gpu_field_errors_total", gpu="1", field="power", error="NOT_SUPPORTED")
+        == 1
+    )
+    assert " -1" not in body
+    # Lost GPU: up 0, nothing else about it but the error counter.
+    assert sample_value(body, "rayrack_gpu_up", gpu="2") == 0
+    assert sample_value(body, "rayrack_gpu_read_errors_total", gpu="2", error="GPU_IS_LOST") == 1
+    assert not [
+        line
+        for line in body.splitlines()
+        if 'gpu="2"' in line and "_up{" not in line and "errors" not in line
+    ]
+    # No hostname label on native names.
+    assert "hostname" not in body.lower()
+    assert metric_lines(body, "rayrack_gpu_process_memory_used_bytes") == [
+        'rayrack_gpu_process_memory_used_bytes{gpu="0",pid="1001",ray_actor="",ray_job_id="",ray_task="",'
+        'user="alice",uuid="GPU-11111111-2222-3333-4444-555555555555"} 2.147483648e+10',
+        'rayrack_gpu_process_memory_used_bytes{gpu="0",pid="1002",ray_actor="",ray_job_id="",ray_task="",'
+        'user="bob",uuid="GPU-11111111-2222-3333-4444-555555555555"} 1.073741824e+09',
+    ]
+    dcgm = (GOLDEN / "dcgm_compat.prom").read_text()
+    line = metric_lines(dcgm, "DCGM_FI_DEV_GPU_UTIL")[0]
+    for label in (
+        'gpu="0"',
+        'UUID="GPU-1111',
+        'pci_bus_id="00000000:07:00.0"',
+        'device="nvidia0"',
+        'modelName="NVIDIA A100-SXM4-80GB"',
+        'Hostname="node-a"',
+        'DCGM_FI_DRIVER_VERSION="550.54.15"',
+    ):
+        assert label in line
+    assert line.endswith(" 75.0")
+    assert sample_value(dcgm, "DCGM_FI_DEV_FB_USED", gpu="0") == 21 * 1024
+    assert sample_value(dcgm, "DCGM_FI_DEV_XID_ERRORS", gpu="0") == 79
+
+
+def render(sampler, clock, stale_after: float = 10.0, **config: object) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(
+        SnapshotCollector(sampler.latest, ExporterConfig(hostname="h", **config), stale_after, clock)
+    )
+    return generate_latest(registry).decode()
+
+
+GPU = {"model": "A", "memory_total": "8GiB"}
+
+
+def test_no_snapshot_yet_means_not_up() -> None:
+    sampler, _, clock = fake_sampler(yaml.safe_dump({"gpus": [GPU]}))
+    body = render(sampler, clock)
+    assert sample_value(body, "rayrack_up") == 0
+    assert "rayrack_gpu_up" not in body
+
+
+def test_stale_snapshot_means_not_up() -> None:
+    sampler, _, clock = fake_sampler(yaml.safe_dump({"gpus": [GPU]}))
+    sampler.collect_once()
+    assert sample_value(render(sampler, clock, stale_after=10), "rayrack_up") == 1
+    clock.advance(11)
+    assert sample_value(render(sampler, clock, stale_after=10), "rayrack_up") == 0
+
+
+def test_degraded_exposition_names_the_error() -> None:
+    sampler, _, clock = fake_sampler(
+        yaml.safe_dump({"gpus": [GPU], "faults": [{"call": "init", "error": "DRIVER_NOT_LOADED"}]})
+    )
+    sampler.collect_once()
+    body = render(sampler, clock, dcgm_compat=True)
+    assert sample_value(body, "rayrack_gpu_backend_up", backend="fake") == 0
+    assert sample_value(body, "rayrack_gpu_backend_error_info", code="9", error="DRIVER_NOT_LOADED") == 1
+    assert sample_value(body, "rayrack_gpu_backend_init_failures_total") == 1
+    assert sample_value(body, "rayrack_collector_success", collector="gpu") == 0
+    assert sample_value(body, "rayrack_host_memory_total_bytes") is not None
+    assert "DCGM_FI" not in body and "rayrack_gpu_up" not in body
+
+
+def test_recovered_gpu_series_return() -> None:
+    sampler, _, clock = fake_sampler(
+        yaml.safe_dump(
+            {"gpus": [GPU], "faults": [{"call": "device", "error": 15, "gpu": 0, "from": 1, "until": 2}]}
+        )
+    )
+    clock.advance(1)
+    sampler.collect_once()
+    down = render(sampler, clock)
+    assert sample_value(down, "rayrack_gpu_up", gpu="0") == 0
+    assert sample_value(down, "rayrack_gpu_temperature_celsius", gpu="0") is None
+    clock.advance(1)
+    sampler.collect_once()
+    up = render(sampler, clock)
+    assert sample_value(up, "rayrack_gpu_up", gpu="0") == 1
+    assert sample_value(up, "rayrack_gpu_temperature_celsius", gpu="0") == 40
+    assert sample_value(up, "rayrack_gpu_read_errors_total", gpu="0", error="GPU_IS_LOST") == 1
