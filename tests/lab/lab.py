@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""The rayrack lab: Debian 12 podman containers running systemd and sshd, reached like bare metal.
+
+`lab.py up` builds (or reuses) the node image, a podman network and N nodes, provisions an admin user
+with the lab's SSH key, records every node's host key in the lab's known_hosts and writes an Ansible
+inventory.  `lab.py down` removes only what `up` created (containers and network carrying the lab's
+label, the generated inventory); the cached image is kept unless `--image` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = "localhost/rayrack-node:12"
+ADMIN_USER = "rayadmin"
+LABEL = "io.rayrack.lab"
+
+# Everything the image is built from; a change here (or in the CA bundle) rebuilds it.
+IMAGE_PACKAGES = [
+    "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-apt", "python3-venv",
+    "iproute2", "iputils-ping", "ca-certificates", "procps", "sudo",
+]
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+SOURCES_LIST = """\
+deb http://deb.debian.org/debian bookworm main contrib non-free non-free-firmware
+deb http://deb.debian.org/debian bookworm-updates main contrib non-free non-free-firmware
+deb http://deb.debian.org/debian-security bookworm-security main contrib non-free non-free-firmware
+"""
+# Units that need a real kernel, console or udev; they only fail (and slow boot) in a container.
+MASKED_UNITS = [
+    "systemd-remount-fs.service", "getty.target", "console-getty.service", "systemd-logind.service",
+    "dev-hugepages.mount", "sys-kernel-debug.mount", "sys-kernel-tracing.mount",
+    "systemd-udevd.service", "systemd-udev-trigger.service",
+]
+# Host keys must differ per node: the image ships none and each node makes its own at first boot.
+SSH_KEYGEN_DROPIN = "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n"
+RECIPE_VERSION = "3"
+
+
+def log(msg: str) -> None:
+    print(f"lab: {msg}", flush=True)
+
+
+def run(*cmd: str, check: bool = True, capture: bool = False, input_text: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, text=True, input=input_text,
+                          stdout=subprocess.PIPE if capture else None,
+                          stderr=subprocess.PIPE if capture else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host preparation: only what this host needs, each step idempotent
+# ----------------------------------------------------------------------------------------------------------
+HOST_PACKAGES = {
+    "podman": "podman", "crun": "crun", "runc": "runc", "netavark": "netavark",
+    "aardvark-dns": "aardvark-dns", "debootstrap": "debootstrap", "ssh-keygen": "openssh-client",
+    "ssh": "openssh-client", "nft": "nftables", "iptables": "iptables", "catatonit": "catatonit",
+    # Not the lab's own need: promtool checks the shipped rules and the agent's exposition in the tests.
+    "promtool": "prometheus",
+}
+
+
+def ensure_host_packages() -> None:
+    missing = sorted({pkg for tool, pkg in HOST_PACKAGES.items()
+                      if shutil.which(tool) is None and not Path(f"/usr/libexec/podman/{tool}").exists()
+                      and not Path(f"/usr/lib/podman/{tool}").exists()})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        sys.exit(f"lab: missing host packages {missing}; install them (apt-get install -y {' '.join(missing)})")
+    log(f"installing host packages: {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing, "containernetworking-plugins", "uidmap"],
+                   check=True, env=env)
+
+
+def lacks_cap_sys_resource() -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return not (int(line.split()[1], 16) >> 24) & 1
+    return False
+
+
+def ensure_podman_ulimits() -> None:
+    """Without CAP_SYS_RESOURCE podman's default ulimits fail: pin them to what this host allows."""
+    if not lacks_cap_sys_resource():
+        return
+    conf = Path("/etc/containers/containers.conf")
+    text = conf.read_text() if conf.exists() else ""
+    if "default_ulimits" in text:
+        return
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    log(f"no CAP_SYS_RESOURCE here: setting podman default_ulimits (nofile={hard}) in {conf}")
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    block = f'default_ulimits = [\n  "nofile={hard}:{hard}",\n  "nproc=32768:32768",\n]\n'
+    if "[containers]" in text:
+        text = text.replace("[containers]\n", "[containers]\n" + block, 1)
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + "[containers]\n" + block
+    conf.write_text(text)
+
+
+def cgroup_hybrid() -> bool:
+    """cgroup v1 with a v2 'unified' mount: crun refuses it, runc copes."""
+    out = run("stat", "-fc", "%T", "/sys/fs/cgroup", capture=True).stdout.strip()
+    return out != "cgroup2fs" and Path("/sys/fs/cgroup/unified").is_dir()
+
+
+def podman(*args: str, **kw) -> subprocess.CompletedProcess[str]:
+    runtime = ["--runtime", "runc"] if cgroup_hybrid() else []
+    return run("podman", *runtime, *args, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image
+# ----------------------------------------------------------------------------------------------------------
+def ca_files(ca_dir: Path | None) -> list[Path]:
+    return sorted(ca_dir.glob("*.crt")) if ca_dir and ca_dir.is_dir() else []
+
+
+def recipe_digest(cas: list[Path]) -> str:
+    h = hashlib.sha256()
+    for part in (RECIPE_VERSION, DEBIAN_MIRROR, SOURCES_LIST, SSH_KEYGEN_DROPIN, *IMAGE_PACKAGES, *MASKED_UNITS):
+        h.update(part.encode() + b"\0")
+    for ca in cas:
+        h.update(ca.name.encode() + b"\0" + ca.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def image_digest() -> str | None:
+    res = podman("image", "inspect", "--format", "{{ index .Labels \"" + LABEL + ".recipe\" }}", IMAGE,
+                 check=False, capture=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def build_image(cas: list[Path], force: bool = False) -> None:
+    digest = recipe_digest(cas)
+    if not force and image_digest() == digest:
+        log(f"image {IMAGE} is current (recipe {digest})")
+        return
+    log(f"building {IMAGE} with debootstrap (recipe {digest}); this takes about a minute")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="rayrack-rootfs-") as tmp:
+        root = Path(tmp) / "rootfs"
+        run("debootstrap", "--variant=minbase", f"--include={','.join(IMAGE_PACKAGES)}", "bookworm",
+            str(root), DEBIAN_MIRROR, capture=True)
+        (root / "etc/apt/sources.list").write_text(SOURCES_LIST)
+        (root / "etc/machine-id").write_text("")
+        for key in (root / "etc/ssh").glob("ssh_host_*"):
+            key.unlink()
+        dropin = root / "etc/systemd/system/ssh.service.d"
+        dropin.mkdir(parents=True, exist_ok=True)
+        (dropin / "10-rayrack-hostkeys.conf").write_text(SSH_KEYGEN_DROPIN)
+        for unit in MASKED_UNITS:
+            target = root / "etc/systemd/system" / unit
+            target.unlink(missing_ok=True)
+            target.symlink_to("/dev/null")
+        if cas:
+            for ca in cas:
+                shutil.copy(ca, root / "usr/local/share/ca-certificates" / ca.name)
+            run("chroot", str(root), "update-ca-certificates", capture=True)
+        run("chroot", str(root), "apt-get", "clean")
+        lists = root / "var/lib/apt/lists"
+        shutil.rmtree(lists)
+        (lists / "partial").mkdir(parents=True)
+        # An old mtime makes the first `apt update` with cache_valid_time actually fetch the lists.
+        os.utime(lists, (0, 0))
+        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(["podman", "import", "--change", 'CMD ["/sbin/init"]',
+                        "--change", f"LABEL {LABEL}.recipe={digest}", "-", IMAGE],
+                       stdin=tar.stdout, check=True, stdout=subprocess.DEVNULL)
+        if tar.wait() != 0:
+            sys.exit("lab: tar of the image root failed")
+    log(f"built {IMAGE} in {time.monotonic() - started:.0f}s")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Nodes
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Node:
+    name: str  # inventory hostname and container hostname
+    container: str
+    ip: str
+    group: str  # ray_head or ray_workers
+
+
+@dataclass(frozen=True)
+class Lab:
+    name: str
+    workers: int
+    subnet: ipaddress.IPv4Network
+    inventory_dir: Path
+    gpus_per_worker: int
+
+    @property
+    def network(self) -> str:
+        return f"rayrack-{self.name}"
+
+    @property
+    def nodes(self) -> list[Node]:
+        hosts = list(self.subnet.hosts())
+        names = [("head", "ray_head")] + [(f"worker{i}", "ray_workers") for i in range(1, self.workers + 1)]
+        # .1 is the gateway; nodes from .10 on.
+        return [Node(n, f"rayrack-{self.name}-{n}", str(hosts[9 + i]), g) for i, (n, g) in enumerate(names)]
+
+    @property
+    def key(self) -> Path:
+        return self.inventory_dir / ".ssh" / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.inventory_dir / ".ssh" / "known_hosts"
+
+
+def ensure_network(lab: Lab) -> None:
+    if podman("network", "exists", lab.network, check=False).returncode == 0:
+        return
+    podman("network", "create", "--subnet", str(lab.subnet), "--label", f"{LABEL}={lab.name}", lab.network,
+           capture=True)
+
+
+def container_state(container: str) -> str | None:
+    res = podman("container", "inspect", "--format", "{{.State.Status}}", container, check=False, capture=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def ensure_node(lab: Lab, node: Node, shared_dir: Path) -> None:
+    state = container_state(node.container)
+    if state == "running":
+        return
+    if state is not None:
+        podman("start", node.container, capture=True)
+        return
+    podman("run", "-d", "--name", node.container, "--hostname", node.name, "--network", lab.network,
+           "--ip", node.ip, "--systemd=always", "--shm-size=1g",
+           # Lets systemd build the mount namespaces that hardened units (ProtectSystem=...) need.
+           "--cap-add", "SYS_ADMIN", "--label", f"{LABEL}={lab.name}",
+           "--volume", f"{shared_dir}:/srv/rayrack-shared:z", "--stop-timeout", "10",
+           IMAGE, "/sbin/init", capture=True)
+
+
+def wait_booted(node: Node, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        state = podman("exec", node.container, "systemctl", "is-system-running", check=False,
+                       capture=True).stdout.strip()
+        if state in ("running", "degraded"):
+            if state == "degraded":
+                failed = podman("exec", node.container, "systemctl", "--failed", "--no-legend", check=False,
+                                capture=True).stdout.strip()
+                log(f"{node.name}: systemd degraded: {failed}")
+            return
+        time.sleep(1)
+    sys.exit(f"lab: {node.name} did not finish booting in {timeout:.0f}s (systemd says {state!r})")
+
+
+def ensure_key(lab: Lab) -> str:
+    lab.key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not lab.key.exists():
+        run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"rayrack-{lab.name}-admin", "-f", str(lab.key))
+    return lab.key.with_suffix(".pub").read_text().strip()
+
+
+def provision_admin(node: Node, pubkey: str) -> str:
+    """What a site's OS install does for bare metal: an admin user with our key and sudo. Returns the host key."""
+    script = f"""set -e
+id -u {ADMIN_USER} >/dev/null 2>&1 || useradd --create-home --shell /bin/bash {ADMIN_USER}
+install -d -m 0700 -o {ADMIN_USER} -g {ADMIN_USER} /home/{ADMIN_USER}/.ssh
+printf '%s\\n' '{pubkey}' > /home/{ADMIN_USER}/.ssh/authorized_keys
+chown {ADMIN_USER}: /home/{ADMIN_USER}/.ssh/authorized_keys && chmod 0600 /home/{ADMIN_USER}/.ssh/authorized_keys
+echo '{ADMIN_USER} ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/90-{ADMIN_USER}
+chmod 0440 /etc/sudoers.d/90-{ADMIN_USER}
+systemctl is-active --quiet ssh || systemctl start ssh
+cat /etc/ssh/ssh_host_ed25519_key.pub
+"""
+    out = podman("exec", "-i", node.container, "bash", "-s", input_text=script, capture=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
+    lab.known_hosts.write_text("".join(
+        f"{node.ip} {' '.join(host_keys[node.name].split()[:2])}\n" for node in lab.nodes))
+    lab.known_hosts.chmod(0o600)
+    ssh_args = f"-o UserKnownHostsFile={lab.known_hosts} -o StrictHostKeyChecking=yes"
+    inventory = {
+        "all": {
+            "vars": {
+                "ansible_user": ADMIN_USER,
+                "ansible_ssh_private_key_file": str(lab.key),
+                "ansible_ssh_common_args": ssh_args,
+                "ansible_python_interpreter": "/usr/bin/python3",
+            },
+            "children": {
+                "ray_head": {"hosts": {}},
+                "ray_workers": {"hosts": {}},
+            },
+        }
+    }
+    for node in lab.nodes:
+        host: dict[str, object] = {"ansible_host": node.ip}
+        if node.group == "ray_workers":
+            host["ray_node_num_gpus"] = lab.gpus_per_worker
+        inventory["all"]["children"][node.group]["hosts"][node.name] = host
+    lab.inventory_dir.mkdir(parents=True, exist_ok=True)
+    # JSON is valid YAML: no PyYAML needed to run the lab.
+    header = "# Generated by tests/lab/lab.py: do not edit, re-run `make lab` instead.\n"
+    (lab.inventory_dir / "hosts.yml").write_text(header + json.dumps(inventory, indent=2) + "\n")
+    group_vars = lab.inventory_dir / "group_vars" / "all"
+    group_vars.mkdir(parents=True, exist_ok=True)
+    (group_vars / "lab.yml").write_text(header + json.dumps({
+        "rayrack_cluster_name": lab.name,
+        "rayrack_cluster_cidr": str(lab.subnet),
+        # Nodes share one host's memory: keep each object store small instead of 30% of the host's RAM.
+        "ray_node_object_store_memory": 256 * 1024 * 1024,
+    }, indent=2) + "\n")
+
+
+def up(lab: Lab, ca_dir: Path | None) -> None:
+    ensure_host_packages()
+    ensure_podman_ulimits()
+    build_image(ca_files(ca_dir))
+    ensure_network(lab)
+    shared = lab.inventory_dir / ".shared"
+    shared.mkdir(parents=True, exist_ok=True)
+    for node in lab.nodes:
+        ensure_node(lab, node, shared)
+    pubkey = ensure_key(lab)
+    host_keys = {}
+    for node in lab.nodes:
+        wait_booted(node)
+        host_keys[node.name] = provision_admin(node, pubkey)
+    write_inventory(lab, host_keys)
+    log(f"{len(lab.nodes)} nodes up on {lab.network} ({lab.subnet}); inventory in {lab.inventory_dir}")
+
+
+def down(lab: Lab, remove_image: bool) -> None:
+    containers = podman("ps", "-a", "--filter", f"label={LABEL}={lab.name}", "--format", "{{.Names}}",
+                        capture=True).stdout.split()
+    if containers:
+        podman("rm", "-f", "-t", "0", *containers, capture=True)
+    if podman("network", "exists", lab.network, check=False).returncode == 0:
+        podman("network", "rm", lab.network, capture=True)
+    if lab.inventory_dir.is_dir():
+        shutil.rmtree(lab.inventory_dir)
+    if remove_image and image_digest() is not None:
+        podman("rmi", IMAGE, capture=True)
+    log(f"removed {len(containers)} containers, network {lab.network} and {lab.inventory_dir}")
+
+
+def ssh(lab: Lab, node: Node, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command on a node the way Ansible reaches it: SSH as the admin user, host key checked."""
+    return run("ssh", "-i", str(lab.key), "-o", f"UserKnownHostsFile={lab.known_hosts}",
+               "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{ADMIN_USER}@{node.ip}", command,
+               check=check, capture=True)
+
+
+def status(lab: Lab) -> int:
+    """`ray status` from the head, and where to reach the dashboard, Jobs API and metrics."""
+    if not lab.known_hosts.exists():
+        print(f"lab: no lab named {lab.name!r} here; run `make lab` first", file=sys.stderr)
+        return 1
+    head = lab.nodes[0]
+    # The CLI needs the cluster token like any client: read the node's Ray environment as the ray user.
+    res = ssh(lab, head, "sudo -u ray sh -c 'set -a; . /etc/rayrack/ray.env; "
+                         f"ray status --address {head.ip}:6379'", check=False)
+    print(res.stdout.rstrip() or res.stderr.rstrip())
+    token = lab.inventory_dir / ".secrets" / "ray_token"
+    print(f"""
+Ray dashboard and Jobs API (bound to the head's loopback; token auth on):
+  ssh -i {lab.key} -o UserKnownHostsFile={lab.known_hosts} -N -L 8265:127.0.0.1:8265 {ADMIN_USER}@{head.ip} &
+  RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} \\
+    ray job submit --address http://127.0.0.1:8265 -- python -c 'import ray; ray.init(); print(ray.nodes())'
+Ray metrics (Prometheus format) on every node:
+""" + "\n".join(f"  http://{n.ip}:8090/metrics   ({n.name})" for n in lab.nodes))
+    return res.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("action", choices=["up", "down", "status", "image", "host-deps"])
+    p.add_argument("--name", default="lab", help="lab name: prefixes containers and network (default: lab)")
+    p.add_argument("--workers", type=int, default=2, help="number of GPU worker nodes (default: 2)")
+    p.add_argument("--gpus-per-worker", type=int, default=2, help="fake GPUs per worker (default: 2)")
+    p.add_argument("--subnet", default="10.213.0.0/24", help="lab network (default: 10.213.0.0/24)")
+    p.add_argument("--inventory-dir", type=Path, help="where to write the inventory (default: inventories/<name>)")
+    p.add_argument("--ca-dir", type=Path, default=Path("/usr/local/share/ca-certificates"),
+                   help="extra CA certificates (*.crt) to trust inside nodes, e.g. a site's TLS-intercepting "
+                        "proxy (default: /usr/local/share/ca-certificates; empty string for none)")
+    p.add_argument("--image", action="store_true", help="with down: also remove the node image")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    try:
+        subnet = ipaddress.IPv4Network(args.subnet)
+    except ValueError as exc:
+        p.error(f"--subnet: {exc}")
+    if subnet.num_addresses < 16 + args.workers:
+        p.error(f"--subnet {subnet} is too small for {args.workers + 1} nodes")
+    lab = Lab(args.name, args.workers, subnet, (args.inventory_dir or REPO / "inventories" / args.name).resolve(),
+              args.gpus_per_worker)
+    ca_dir = args.ca_dir if str(args.ca_dir) else None
+    if args.action == "host-deps":
+        ensure_host_packages()
+        ensure_podman_ulimits()
+    elif args.action == "up":
+        up(lab, ca_dir)
+    elif args.action == "status":
+        return status(lab)
+    elif args.action == "image":
+        ensure_host_packages()
+        ensure_podman_ulimits()
+        build_image(ca_files(ca_dir))
+    else:
+        down(lab, args.image)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
