@@ -1,0 +1,234 @@
+"""Inventory validation: every problem in an inventory, each naming its key, before any host is touched.
+
+`rayrack_inventory_errors(groups, hostvars)` returns a list of readable errors (empty when the inventory is
+good). Variable types and defaults come from the roles' own meta/argument_specs.yml, so a variable is
+described and checked in one place.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROLES_DIR = Path(__file__).resolve().parents[2]
+CLUSTER_PREFIX = "rayrack_"
+HEAD_GROUP, WORKER_GROUP = "ray_head", "ray_workers"
+MIN_TOKEN_AUTH_RAY = (2, 52, 0)
+
+# Format rules beyond the type: (regex, what is allowed).
+FORMATS = {
+    "rayrack_ray_version": (r"\d+\.\d+\.\d+", "a pinned Ray release X.Y.Z such as 2.60.0"),
+    "rayrack_python_version": (r"3\.\d+", "a Python minor version 3.Y such as 3.11"),
+    "rayrack_cluster_name": (r"[a-z0-9][a-z0-9-]{0,62}", "lowercase letters, digits and '-'"),
+}
+TYPE_NAMES = {"bool": "a boolean (true/false, unquoted)", "int": "an integer", "str": "a string",
+              "path": "a path string", "list": "a list", "dict": "a mapping", "raw": "any value"}
+
+
+def load_specs(roles_dir: Path = ROLES_DIR) -> dict[str, dict[str, Any]]:
+    """Variable name -> its argument spec, from every role's meta/argument_specs.yml (entry point main)."""
+    specs: dict[str, dict[str, Any]] = {}
+    for path in sorted(roles_dir.glob("*/meta/argument_specs.yml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        options = data.get("argument_specs", {}).get("main", {}).get("options", {}) or {}
+        for name, spec in options.items():
+            specs[name] = dict(spec or {}, role=path.parents[1].name)
+    return specs
+
+
+def _type_ok(value: Any, spec: Mapping[str, Any]) -> bool:
+    kind = spec.get("type", "str")
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in ("str", "path"):
+        return isinstance(value, str)
+    if kind == "list":
+        return isinstance(value, list) and all(_type_ok(v, {"type": spec.get("elements", "raw")}) for v in value)
+    if kind == "dict":
+        return isinstance(value, Mapping)
+    return True
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_value(name: str, value: Any, spec: Mapping[str, Any]) -> str | None:
+    """One variable against its spec; None when it is fine."""
+    if not _type_ok(value, spec):
+        wanted = TYPE_NAMES.get(spec.get("type", "str"), spec.get("type"))
+        if spec.get("type") == "list" and isinstance(value, list):
+            wanted = f"a list of {TYPE_NAMES.get(spec.get('elements', 'raw'), 'values')}"
+        return f"{name}: must be {wanted}, got {_describe(value)}"
+    if "choices" in spec and value not in spec["choices"]:
+        return f"{name}: must be one of {', '.join(map(str, spec['choices']))}; got {value!r}"
+    if name in FORMATS:
+        pattern, allowed = FORMATS[name]
+        if not re.fullmatch(pattern, value):
+            return f"{name}: must be {allowed}; got {value!r}"
+    if name.endswith("_port") and not 1 <= value <= 65535:
+        return f"{name}: must be a port number 1-65535; got {value}"
+    return None
+
+
+def _known_prefixes(specs: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    return {CLUSTER_PREFIX} | {spec["role"] + "_" for spec in specs.values()}
+
+
+def _resolve(host_vars: Mapping[str, Any], name: str) -> tuple[Any, str | None]:
+    try:
+        return host_vars[name], None
+    except Exception as exc:
+        return None, f"{name}: cannot be resolved: {exc}"
+
+
+def _host_address(host: str, host_vars: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The IP Ray uses for a node: ray_node_ip, else ansible_host. (address, error)."""
+    for key in ("ray_node_ip", "ansible_host"):
+        if key in host_vars:
+            value, error = _resolve(host_vars, key)
+            if error:
+                return None, f"{host}: {error}"
+            try:
+                return str(ipaddress.ip_address(str(value))), None
+            except ValueError:
+                return None, (f"{host}: {key} must be the IP address Ray should use for this node; "
+                              f"got {value!r}")
+    return None, (f"{host}: has no address: set ansible_host (or ray_node_ip) to the IP address Ray "
+                  "should use for this node")
+
+
+def _group(groups: Mapping[str, Iterable[str]], name: str) -> list[str]:
+    return list(groups.get(name) or [])
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapping[str, Mapping[str, Any]],
+                             specs: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    specs = load_specs() if specs is None else specs
+    prefixes = _known_prefixes(specs)
+    errors: list[str] = []
+
+    heads, workers = _group(groups, HEAD_GROUP), _group(groups, WORKER_GROUP)
+    if len(heads) != 1:
+        found = ", ".join(heads) if heads else "none"
+        errors.append(f"group {HEAD_GROUP}: must hold exactly one host; found {len(heads)} ({found})")
+    for host in sorted(set(heads) & set(workers)):
+        errors.append(f"{host}: is in both {HEAD_GROUP} and {WORKER_GROUP}; a node is the head or a worker")
+
+    # Variables: the same bad value set in group_vars is reported once, with the hosts it applies to.
+    bad: dict[str, list[str]] = {}
+    for host in _group(groups, "all"):
+        host_vars = hostvars[host]
+        for name in sorted(k for k in host_vars if any(k.startswith(p) for p in prefixes)):
+            if name not in specs:
+                close = difflib.get_close_matches(name, list(specs), n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                bad.setdefault(f"{name}: unknown variable{hint}", []).append(host)
+                continue
+            value, error = _resolve(host_vars, name)
+            error = error or check_value(name, value, specs[name])
+            if error:
+                bad.setdefault(error, []).append(host)
+    for error, hosts in bad.items():
+        errors.append(f"{error} (on {', '.join(hosts)})")
+    if bad:
+        return errors  # the checks below rely on well-typed values
+
+    addresses: dict[str, str] = {}
+    for host in heads + [w for w in workers if w not in heads]:
+        address, error = _host_address(host, hostvars[host])
+        if error:
+            errors.append(error)
+        elif address in addresses:
+            errors.append(f"{host}: address {address} is also {addresses[address]}'s; every node needs its own")
+        else:
+            addresses[address] = host
+
+    anchor = heads[0] if heads else next(iter(_group(groups, "all")), None)
+    if anchor is None:
+        return errors
+    cluster = hostvars[anchor]
+    cidr = cluster.get("rayrack_cluster_cidr", "")
+    if cidr:
+        try:
+            network = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            errors.append(f"rayrack_cluster_cidr: must be a network such as 10.0.0.0/24; got {cidr!r}")
+        else:
+            for address, host in addresses.items():
+                if ipaddress.ip_address(address) not in network:
+                    errors.append(f"{host}: address {address} is outside rayrack_cluster_cidr {cidr}")
+
+    version = cluster.get("rayrack_ray_version")
+    if cluster.get("rayrack_ray_auth_token_enabled") and version and \
+            _version_tuple(version) < MIN_TOKEN_AUTH_RAY:
+        errors.append(f"rayrack_ray_version: token authentication needs Ray >= 2.52.0; got {version} "
+                      "(or set rayrack_ray_auth_token_enabled: false)")
+
+    ports = {name: cluster[name] for name in specs if name.startswith("rayrack_ray_") and name.endswith("_port")
+             and name in cluster and "worker_port" not in name}
+    seen: dict[int, str] = {}
+    for name, port in sorted(ports.items()):
+        if port in seen:
+            errors.append(f"{name}: port {port} is also {seen[port]}")
+        seen[port] = name
+    low, high = cluster.get("rayrack_ray_min_worker_port"), cluster.get("rayrack_ray_max_worker_port")
+    if low is not None and high is not None:
+        if low >= high:
+            errors.append(f"rayrack_ray_min_worker_port: must be below rayrack_ray_max_worker_port ({low} >= {high})")
+        for name, port in ports.items():
+            if low <= port <= high:
+                errors.append(f"{name}: port {port} lies inside the worker port range {low}-{high}")
+    return errors
+
+
+def rayrack_node_addresses(groups: Mapping[str, Iterable[str]], hostvars: Mapping[str, Mapping[str, Any]]
+                           ) -> dict[str, str]:
+    """Ray node inventory name -> the IP Ray uses for it (head first). Assumes a validated inventory."""
+    heads = _group(groups, HEAD_GROUP)
+    nodes = heads + [w for w in _group(groups, WORKER_GROUP) if w not in heads]
+    return {host: _host_address(host, hostvars[host])[0] for host in nodes}
+
+
+def rayrack_gpu_workers(groups: Mapping[str, Iterable[str]], hostvars: Mapping[str, Mapping[str, Any]]
+                        ) -> dict[str, str]:
+    """Workers that offer GPUs to Ray -> their IP: ray_node_num_gpus from the inventory, else the GPU fact."""
+    addresses = rayrack_node_addresses(groups, hostvars)
+    workers = {}
+    for host in _group(groups, WORKER_GROUP):
+        host_vars = hostvars[host]
+        if "ray_node_num_gpus" in host_vars:
+            gpus = int(host_vars["ray_node_num_gpus"])
+        else:
+            local_facts = (host_vars.get("ansible_facts") or {}).get("ansible_local") or {}
+            gpus = int(local_facts.get("gpus", {}).get("count", 0))
+        if gpus > 0:
+            workers[host] = addresses[host]
+    return workers
+
+
+def rayrack_alive_node_ips(nodes_response: Mapping[str, Any]) -> list[str]:
+    """IPs of the ALIVE nodes in a registered uri result of Ray's state API GET /api/v0/nodes."""
+    payload = nodes_response.get("json") or {}
+    rows = ((payload.get("data") or {}).get("result") or {}).get("result") or []
+    return sorted({row["node_ip"] for row in rows if row.get("state") == "ALIVE" and row.get("node_ip")})
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Any]:
+        return {"rayrack_inventory_errors": rayrack_inventory_errors, "rayrack_node_addresses": rayrack_node_addresses,
+                "rayrack_alive_node_ips": rayrack_alive_node_ips, "rayrack_gpu_workers": rayrack_gpu_workers}
