@@ -5,6 +5,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Tools call each other by name (molecule runs ansible-playbook): put the venv first on PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 LAB ?= lab
 WORKERS ?= 2
 # Each lab keeps its own fact cache, removed with it.

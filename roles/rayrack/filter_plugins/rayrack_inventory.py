@@ -161,7 +161,10 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
     anchor = heads[0] if heads else next(iter(_group(groups, "all")), None)
     if anchor is None:
         return errors
-    cluster = hostvars[anchor]
+    # Cluster-wide values: the inventory's, else the documented default (role defaults are not in hostvars here).
+    cluster = {name: spec["default"] for name, spec in specs.items() if name.startswith(CLUSTER_PREFIX)
+               and "default" in spec}
+    cluster.update({k: v for k, v in hostvars[anchor].items() if k.startswith(CLUSTER_PREFIX)})
     cidr = cluster.get("rayrack_cluster_cidr", "")
     if cidr:
         try:
