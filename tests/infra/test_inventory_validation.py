@@ -1,0 +1,221 @@
+"""The inventory validation filter, and the validate play stopping a run before any host is contacted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, ROLES, load_module
+
+inv = load_module(ROLES / "rayrack" / "filter_plugins" / "rayrack_inventory.py", "rayrack_inventory")
+
+
+def cluster(workers=2, **overrides):
+    """groups and hostvars of a good 1-head cluster; overrides: host -> vars to merge (None deletes)."""
+    hostvars = {"head": {"ansible_host": "10.0.0.10"}}
+    for i in range(1, workers + 1):
+        hostvars[f"worker{i}"] = {"ansible_host": f"10.0.0.{10 + i}", "ray_node_num_gpus": 2}
+    for host, extra in overrides.items():
+        hostvars.setdefault(host, {})
+        for key, value in extra.items():
+            if value is None:
+                hostvars[host].pop(key, None)
+            else:
+                hostvars[host][key] = value
+    groups = {"all": list(hostvars), "ray_head": ["head"], "ray_workers": [h for h in hostvars if h != "head"]}
+    return groups, hostvars
+
+
+def errors(groups, hostvars):
+    return inv.rayrack_inventory_errors(groups, hostvars)
+
+
+def test_good_inventory_has_no_errors():
+    assert errors(*cluster()) == []
+
+
+def test_two_heads():
+    groups, hostvars = cluster()
+    groups["ray_head"] = ["head", "worker1"]
+    groups["ray_workers"] = ["worker2"]
+    assert errors(groups, hostvars) == ["group ray_head: must hold exactly one host; found 2 (head, worker1)"]
+
+
+def test_no_head():
+    groups, hostvars = cluster()
+    groups["ray_head"] = []
+    assert errors(groups, hostvars)[0] == "group ray_head: must hold exactly one host; found 0 (none)"
+
+
+def test_worker_also_head():
+    groups, hostvars = cluster()
+    groups["ray_workers"].append("head")
+    assert "head: is in both ray_head and ray_workers; a node is the head or a worker" in errors(groups, hostvars)
+
+
+def test_worker_without_address():
+    groups, hostvars = cluster(worker2={"ansible_host": None})
+    assert errors(groups, hostvars) == [
+        "worker2: has no address: set ansible_host (or ray_node_ip) to the IP address Ray should use for this node"]
+
+
+def test_hostname_is_not_an_ip():
+    groups, hostvars = cluster(worker1={"ansible_host": "gpu-01.example.org"})
+    assert errors(groups, hostvars) == [
+        "worker1: ansible_host must be the IP address Ray should use for this node; got 'gpu-01.example.org'"]
+
+
+def test_ray_node_ip_wins_over_ansible_host():
+    groups, hostvars = cluster(worker1={"ansible_host": "gpu-01.example.org", "ray_node_ip": "10.0.0.21"})
+    assert errors(groups, hostvars) == []
+    assert inv.rayrack_node_addresses(groups, hostvars)["worker1"] == "10.0.0.21"
+
+
+def test_duplicate_address():
+    groups, hostvars = cluster(worker2={"ansible_host": "10.0.0.11"})
+    assert errors(groups, hostvars) == ["worker2: address 10.0.0.11 is also worker1's; every node needs its own"]
+
+
+def test_ray_version_latest_is_reported_once_for_all_hosts():
+    groups, hostvars = cluster()
+    for host_vars in hostvars.values():
+        host_vars["rayrack_ray_version"] = "latest"
+    assert errors(groups, hostvars) == [
+        "rayrack_ray_version: must be a pinned Ray release X.Y.Z such as 2.60.0; got 'latest' "
+        "(on head, worker1, worker2)"]
+
+
+def test_ray_too_old_for_token_auth():
+    groups, hostvars = cluster(head={"rayrack_ray_version": "2.40.0", "rayrack_ray_auth_token_enabled": True})
+    assert errors(groups, hostvars) == [
+        "rayrack_ray_version: token authentication needs Ray >= 2.52.0; got 2.40.0 "
+        "(or set rayrack_ray_auth_token_enabled: false)"]
+
+
+def test_old_ray_is_fine_without_token_auth():
+    groups, hostvars = cluster(head={"rayrack_ray_version": "2.40.0", "rayrack_ray_auth_token_enabled": False})
+    assert errors(groups, hostvars) == []
+
+
+@pytest.mark.parametrize("value", ["true", "yes", 1])
+def test_booleans_must_be_real(value):
+    groups, hostvars = cluster(head={"rayrack_ray_auth_token_enabled": value})
+    (error,) = errors(groups, hostvars)
+    assert error.startswith("rayrack_ray_auth_token_enabled: must be a boolean (true/false, unquoted), got ")
+    assert error.endswith("(on head)")
+
+
+def test_unknown_variable_with_suggestion():
+    groups, hostvars = cluster(worker1={"rayrack_ray_verison": "2.60.0"})
+    assert errors(groups, hostvars) == [
+        "rayrack_ray_verison: unknown variable; did you mean rayrack_ray_version? (on worker1)"]
+
+
+def test_role_variables_are_checked_from_their_argument_specs():
+    groups, hostvars = cluster(worker1={"ray_node_num_gpus": "two"})
+    assert errors(groups, hostvars) == ["ray_node_num_gpus: must be an integer, got the string 'two' (on worker1)"]
+
+
+def test_port_collision_and_worker_range():
+    groups, hostvars = cluster(head={"rayrack_ray_dashboard_port": 6379, "rayrack_ray_client_port": 10500})
+    found = errors(groups, hostvars)
+    assert "rayrack_ray_gcs_port: port 6379 is also rayrack_ray_dashboard_port" in found
+    assert "rayrack_ray_client_port: port 10500 lies inside the worker port range 10002-10999" in found
+
+
+def test_port_out_of_range():
+    groups, hostvars = cluster(head={"rayrack_ray_gcs_port": 70000})
+    assert errors(groups, hostvars) == ["rayrack_ray_gcs_port: must be a port number 1-65535; got 70000 (on head)"]
+
+
+def test_cluster_cidr():
+    groups, hostvars = cluster(head={"rayrack_cluster_cidr": "10.0.0.8/30"})
+    assert errors(groups, hostvars) == ["worker2: address 10.0.0.12 is outside rayrack_cluster_cidr 10.0.0.8/30"]
+    groups, hostvars = cluster(head={"rayrack_cluster_cidr": "10.0.0/33"})
+    assert errors(groups, hostvars) == ["rayrack_cluster_cidr: must be a network such as 10.0.0.0/24; got '10.0.0/33'"]
+
+
+def test_gpu_workers_from_inventory_or_fact():
+    groups, hostvars = cluster(worker1={"ray_node_num_gpus": None,
+                                        "ansible_facts": {"ansible_local": {"gpus": {"count": 8}}}},
+                               worker2={"ray_node_num_gpus": 0})
+    assert inv.rayrack_gpu_workers(groups, hostvars) == {"worker1": "10.0.0.11"}
+
+
+def test_alive_node_ips_from_state_api_response():
+    response = {"json": {"data": {"result": {"result": [
+        {"node_ip": "10.0.0.10", "state": "ALIVE"},
+        {"node_ip": "10.0.0.11", "state": "DEAD"},
+        {"node_ip": "10.0.0.11", "state": "ALIVE"},
+        {"node_ip": "10.0.0.12", "state": "DEAD"},
+    ]}}}}
+    assert inv.rayrack_alive_node_ips(response) == ["10.0.0.10", "10.0.0.11"]
+    assert inv.rayrack_alive_node_ips({"status": -1, "msg": "connection refused"}) == []
+
+
+# --- The validate play, through ansible-playbook ----------------------------------------------------------
+
+def write_inventory(tmp_path: Path, heads: dict, workers: dict, group_vars: dict | None = None) -> Path:
+    """An inventory whose hosts can only be reached on a closed loopback port: contacting one shows in the stats."""
+    unreachable = {"ansible_host": "127.0.0.1", "ansible_port": 1}
+    inventory = {"all": {"vars": group_vars or {}, "children": {
+        "ray_head": {"hosts": {h: ({**unreachable, **v} if v is not None else {}) for h, v in heads.items()}},
+        "ray_workers": {"hosts": {h: ({**unreachable, **v} if v is not None else {}) for h, v in workers.items()}},
+    }}}
+    path = tmp_path / "hosts.yml"
+    path.write_text(yaml.safe_dump(inventory))
+    return path
+
+
+def run_playbook(inventory: Path, playbook: str = "site.yml") -> tuple[int, dict]:
+    env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+               ANSIBLE_CACHE_PLUGIN_CONNECTION=str(inventory.parent / ".facts"))
+    ansible_playbook = Path(sys.executable).parent / "ansible-playbook"
+    result = subprocess.run([str(ansible_playbook), "-i", str(inventory), playbook], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, json.loads(result.stdout)
+
+
+def failure_message(report: dict) -> str:
+    return "\n".join(str(task["hosts"]["localhost"].get("msg", "")) for play in report["plays"]
+                     for task in play["tasks"] if task["hosts"].get("localhost", {}).get("failed"))
+
+
+GOOD_NODE = {"ray_node_ip": "10.0.0.10"}
+
+
+@pytest.mark.parametrize(("case", "heads", "workers", "group_vars", "expected"), [
+    ("two heads", {"head1": {"ray_node_ip": "10.0.0.10"}, "head2": {"ray_node_ip": "10.0.0.11"}},
+     {"worker1": {"ray_node_ip": "10.0.0.12"}}, {}, "group ray_head: must hold exactly one host; found 2"),
+    ("worker without address", {"head": GOOD_NODE}, {"worker1": None}, {},
+     "worker1: has no address: set ansible_host (or ray_node_ip)"),
+    ("ray_version latest", {"head": GOOD_NODE}, {"worker1": {"ray_node_ip": "10.0.0.11"}},
+     {"rayrack_ray_version": "latest"}, "rayrack_ray_version: must be a pinned Ray release X.Y.Z"),
+])
+def test_site_stops_in_validation_before_touching_any_host(tmp_path, case, heads, workers, group_vars, expected):
+    rc, report = run_playbook(write_inventory(tmp_path, heads, workers, group_vars))
+    assert rc != 0, case
+    assert expected in failure_message(report), case
+    # Only the controller ran anything: no inventory host was contacted, so none can have changed.
+    assert set(report["stats"]) == {"localhost"}, case
+
+
+def test_validate_play_passes_a_good_inventory(tmp_path):
+    rc, report = run_playbook(write_inventory(tmp_path, {"head": GOOD_NODE}, {"worker1": {"ray_node_ip": "10.0.0.11"}}),
+                              "playbooks/validate.yml")
+    assert rc == 0, failure_message(report)
+    assert set(report["stats"]) == {"localhost"}
+
+
+def test_shipped_example_inventory_is_valid(tmp_path):
+    env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+               ANSIBLE_CACHE_PLUGIN_CONNECTION=str(tmp_path / ".facts"))
+    result = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "inventories/example",
+                             "playbooks/validate.yml"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, failure_message(report)
+    assert set(report["stats"]) == {"localhost"}
