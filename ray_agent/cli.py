@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -54,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=("run", "check"),
+        choices=("run", "check", "check-config"),
         default="run",
-        help="run: serve /metrics (default); check: read everything once and print a table",
+        help="run: serve /metrics (default); check: read everything once and print a table; "
+        "check-config: validate the configuration (and fake scenario) without touching hardware",
     )
     parser.add_argument("--version", action="version", version=f"ray-agent {__version__}")
     parser.add_argument(
@@ -118,7 +120,7 @@ class Agent:
 def build_backend(config: Config, clock: Clock) -> GpuBackend:
     if config.gpu.backend == "fake":
         assert config.gpu.fake_scenario is not None  # enforced by config validation
-        return FakeBackend(load_scenario(config.gpu.fake_scenario), clock)
+        return FakeBackend(load_scenario(config.gpu.fake_scenario, uuid_seed=socket.gethostname()), clock)
     # Imported here so that the fake backend works where nvidia-ml-py is absent.
     from ray_agent.gpu.nvml import NvmlBackend
 
@@ -322,6 +324,18 @@ def check(config: Config) -> int:
     return EXIT_OK if render_check(snapshot, config.attribution.enabled, sys.stdout) else EXIT_FAILURE
 
 
+def check_config(config: Config) -> int:
+    """Config already parsed and validated by load_config; a fake scenario is parsed too."""
+    if config.gpu.backend == "fake":
+        try:
+            load_scenario(config.gpu.fake_scenario)
+        except (ScenarioError, OSError) as err:
+            print(f"ray-agent: gpu.fake_scenario: {err}", file=sys.stderr)
+            return EXIT_USAGE
+    print("ray-agent: configuration OK")
+    return EXIT_OK
+
+
 def _best_effort_host() -> str | None:
     try:
         return default_route_address()
@@ -349,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "check":
         return check(config)
+    if args.command == "check-config":
+        return check_config(config)
     return run(config)
 
 

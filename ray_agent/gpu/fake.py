@@ -14,7 +14,7 @@ string such as ``90s``, ``1m30s``, ``250ms``. Sizes are bytes or strings such as
       - {call: init, error: DRIVER_NOT_LOADED, until: 20s}
     gpus:
       - model: NVIDIA A100-SXM4-80GB # required
-        uuid: GPU-...                # default: derived from the index
+        uuid: GPU-...                # default: derived from the index (and the host name in the agent)
         pci_bus_id: "00000000:07:00.0"   # default: derived from the index
         memory_total: 80GiB          # required
         memory_used: 20GiB           # trace of bytes; default: the memory of the processes running
@@ -274,8 +274,10 @@ FAULT_CALLS = (*BACKEND_CALLS, DEVICE_CALL, *FIELD_NAMES, "any")
 
 
 class _Parser:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, uuid_seed: str = "") -> None:
         self.source = source
+        # Real UUIDs are unique across machines: the same scenario on two nodes must not share them.
+        self.uuid_seed = uuid_seed
 
     def fail(self, path: str, message: str) -> ScenarioError:
         return ScenarioError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
@@ -492,7 +494,8 @@ class _Parser:
                 Fault(call=name, error=NVML_ERROR_CODES["NOT_SUPPORTED"], window=Window(), gpu=index)
             )
 
-        uuid = node.get("uuid", f"GPU-{uuid_module.uuid5(_UUID_NAMESPACE, f'fake-gpu-{index}')}")
+        seed = f"{self.uuid_seed}-" if self.uuid_seed else ""
+        uuid = node.get("uuid", f"GPU-{uuid_module.uuid5(_UUID_NAMESPACE, f'fake-gpu-{seed}{index}')}")
         pci = node.get("pci_bus_id", f"00000000:{0x10 + index:02X}:00.0")
         for key, text in (("uuid", uuid), ("pci_bus_id", pci)):
             if not isinstance(text, str) or not text:
@@ -547,12 +550,12 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def parse_scenario(text: str, source: str = "<memory>") -> Scenario:
+def parse_scenario(text: str, source: str = "<memory>", uuid_seed: str = "") -> Scenario:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ScenarioError(f"{source}: not valid YAML: {err}") from None
-    return _Parser(source).scenario(document)
+    return _Parser(source, uuid_seed).scenario(document)
 
 
 def bundled_scenarios() -> dict[str, Path]:
@@ -573,12 +576,13 @@ def resolve_scenario_path(reference: str, base_dir: Path | None = None) -> Path:
     return path
 
 
-def load_scenario(path: Path) -> Scenario:
+def load_scenario(path: Path, uuid_seed: str = "") -> Scenario:
+    """`uuid_seed` (e.g. the host name) makes derived GPU UUIDs differ between machines."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ScenarioError(f"{path}: cannot read scenario: {err.strerror}") from None
-    return parse_scenario(text, str(path))
+    return parse_scenario(text, str(path), uuid_seed)
 
 
 # --- backend --------------------------------------------------------------------------------------

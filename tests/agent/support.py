@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from ray_agent.clock import FakeClock
@@ -55,6 +56,18 @@ def wait_for_metrics(
             last = err
         time.sleep(0.05)
     raise AssertionError(f"no metrics from {url}: {last}")
+
+
+def poll_metrics(url: str, done: Callable[[str], bool], deadline: float = 30.0) -> str:
+    """Scrape until `done(body)` or the deadline (a bound for loaded machines, not a speed goal); the last body."""
+    end = time.monotonic() + deadline
+    body = ""
+    while time.monotonic() < end:
+        body = http_get(url)[1]
+        if done(body):
+            break
+        time.sleep(0.1)
+    return body
 
 
 def metric_lines(body: str, name: str) -> list[str]:

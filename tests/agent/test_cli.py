@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.support import SCENARIOS, http_get, sample_value, wait_for_metrics
+from agent.support import SCENARIOS, poll_metrics, sample_value, wait_for_metrics
 from ray_agent import __version__
 from ray_agent.cli import EXIT_FAILURE, EXIT_LISTEN, EXIT_OK, EXIT_USAGE
 
@@ -115,11 +115,7 @@ def test_run_degraded_without_nvidia_driver(agent_process, tmp_path: Path) -> No
     agent = agent_process(["--config.file", str(config), "--gpu.backend", "nvml"])
     wait_for_metrics(agent.url, agent.process)
     # Let a few retries happen; the agent keeps running and serving host metrics meanwhile.
-    body = ""
-    for _ in range(200):
-        body = http_get(agent.url)[1]
-        if (sample_value(body, "rayrack_gpu_backend_init_failures_total") or 0) >= 3:
-            break
+    body = poll_metrics(agent.url, lambda b: (sample_value(b, "rayrack_gpu_backend_init_failures_total") or 0) >= 3)
     assert sample_value(body, "rayrack_gpu_backend_init_failures_total") >= 3
     assert sample_value(body, "rayrack_gpu_backend_up", backend="nvml") == 0
     assert sample_value(body, "rayrack_gpu_backend_error_info", code="12", error="LIBRARY_NOT_FOUND") == 1
@@ -155,13 +151,25 @@ def test_sigterm_with_a_hung_gpu_exits_cleanly(agent_process, tmp_path: Path) ->
     )
     agent = agent_process(["--config.file", str(config)])
     wait_for_metrics(agent.url, agent.process)
-    body = ""
-    for _ in range(200):
-        body = http_get(agent.url)[1]
-        if sample_value(body, "rayrack_gpu_up", gpu="1") is not None:
-            break
+    body = poll_metrics(agent.url, lambda b: sample_value(b, "rayrack_gpu_up", gpu="1") is not None)
     assert sample_value(body, "rayrack_gpu_up", gpu="0") == 1
     assert sample_value(body, "rayrack_gpu_up", gpu="1") == 0
     assert agent.stop() == EXIT_OK
     stderr = agent.process.stderr.read()
     assert "received SIGTERM" in stderr and "msg=stopped" in stderr
+
+
+def test_check_config_accepts_a_good_file_without_touching_hardware(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "agent.yml", {"gpu": {"backend": "nvml"}, "collection": {"interval": "5s"}})
+    result = ray_agent("check-config", "--config.file", str(config))
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.strip() == "ray-agent: configuration OK"
+
+
+def test_check_config_rejects_a_broken_scenario(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.yml"
+    scenario.write_text("gpus: [{model: A, memory_total: 1GiB, utilization: 2}]\n")
+    config = write_config(tmp_path / "agent.yml", {"gpu": {"backend": "fake", "fake_scenario": "s.yml"}})
+    result = ray_agent("check-config", "--config.file", str(config))
+    assert result.returncode == EXIT_USAGE
+    assert "utilization" in result.stderr

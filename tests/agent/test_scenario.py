@@ -225,3 +225,13 @@ def test_error_names_and_codes_are_both_accepted() -> None:
         }
     )
     assert [f.error for f in parse_scenario(text).faults] == [9, 18, 12, None]
+
+
+def test_derived_uuids_differ_between_hosts_but_not_between_runs() -> None:
+    from ray_agent.gpu.fake import parse_scenario
+
+    text = "gpus: [{model: A, memory_total: 1GiB}, {model: A, memory_total: 1GiB}]\n"
+    node1, node1_again, node2 = (parse_scenario(text, uuid_seed=seed) for seed in ("worker1", "worker1", "worker2"))
+    assert [g.uuid for g in node1.gpus] == [g.uuid for g in node1_again.gpus]
+    assert not {g.uuid for g in node1.gpus} & {g.uuid for g in node2.gpus}
+    assert len({g.uuid for g in node1.gpus}) == 2
