@@ -182,7 +182,7 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
         errors.append(f"rayrack_ray_version: token authentication needs Ray >= 2.52.0; got {version} "
                       "(or set rayrack_ray_auth_token_enabled: false)")
 
-    ports = {name: cluster[name] for name in specs if name.startswith("rayrack_ray_") and name.endswith("_port")
+    ports = {name: cluster[name] for name in specs if name.startswith(CLUSTER_PREFIX) and name.endswith("_port")
              and name in cluster and "worker_port" not in name}
     seen: dict[int, str] = {}
     for name, port in sorted(ports.items()):
