@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,8 @@ MASKED_UNITS = [
 # Host keys must differ per node: the image ships none and each node makes its own at first boot.
 SSH_KEYGEN_DROPIN = "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n"
 RECIPE_VERSION = "3"
+# Fake GPUs per worker -> the agent's shipped scenario with that many GPUs.
+FAKE_SCENARIOS = {2: "builtin:lab-2gpu", 8: "builtin:demo-8gpu"}
 
 
 def log(msg: str) -> None:
@@ -315,7 +318,10 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
     for node in lab.nodes:
         host: dict[str, object] = {"ansible_host": node.ip}
         if node.group == "ray_workers":
+            # Fake GPUs: Ray is told the count, the agent serves the shipped scenario with that many.
             host["ray_node_num_gpus"] = lab.gpus_per_worker
+            host["ray_agent_gpu_backend"] = "fake"
+            host["ray_agent_fake_scenario"] = FAKE_SCENARIOS[lab.gpus_per_worker]
         inventory["all"]["children"][node.group]["hosts"][node.name] = host
     lab.inventory_dir.mkdir(parents=True, exist_ok=True)
     # JSON is valid YAML: no PyYAML needed to run the lab.
@@ -363,6 +369,17 @@ def down(lab: Lab, remove_image: bool) -> None:
     log(f"removed {len(containers)} containers, network {lab.network} and {lab.inventory_dir}")
 
 
+# Runs on the head: every GPU's utilisation from the local Prometheus, one line per GPU.
+GPU_QUERY = """
+import json, urllib.parse, urllib.request
+url = "http://127.0.0.1:9090/api/v1/query?query=" + urllib.parse.quote("rayrack_gpu_utilization_ratio")
+rows = json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]
+for r in sorted(rows, key=lambda r: (r["metric"]["node"], r["metric"]["gpu"])):
+    print(f"  {r['metric']['node']:<10} gpu {r['metric']['gpu']}  {float(r['value'][1]):6.0%}  {r['metric']['uuid']}")
+print(f"  {len(rows)} GPUs")
+"""
+
+
 def ssh(lab: Lab, node: Node, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a command on a node the way Ansible reaches it: SSH as the admin user, host key checked."""
     return run("ssh", "-i", str(lab.key), "-o", f"UserKnownHostsFile={lab.known_hosts}",
@@ -386,8 +403,11 @@ Ray dashboard and Jobs API (bound to the head's loopback; token auth on):
   ssh -i {lab.key} -o UserKnownHostsFile={lab.known_hosts} -N -L 8265:127.0.0.1:8265 {ADMIN_USER}@{head.ip} &
   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} \\
     ray job submit --address http://127.0.0.1:8265 -- python -c 'import ray; ray.init(); print(ray.nodes())'
-Ray metrics (Prometheus format) on every node:
-""" + "\n".join(f"  http://{n.ip}:8090/metrics   ({n.name})" for n in lab.nodes))
+Prometheus on the head (loopback): the same tunnel with -L 9090:127.0.0.1:9090
+Metrics on every node: ray-agent (GPUs, host) and Ray's own:
+""" + "\n".join(f"  http://{n.ip}:9489/metrics   http://{n.ip}:8090/metrics   ({n.name})" for n in lab.nodes))
+    gpus = ssh(lab, head, f"python3 -c {shlex.quote(GPU_QUERY)}", check=False)
+    print("\nGPUs as Prometheus sees them (rayrack_gpu_utilization_ratio):\n" + (gpus.stdout or gpus.stderr).rstrip())
     return res.returncode
 
 
@@ -396,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["up", "down", "status", "image", "host-deps"])
     p.add_argument("--name", default="lab", help="lab name: prefixes containers and network (default: lab)")
     p.add_argument("--workers", type=int, default=2, help="number of GPU worker nodes (default: 2)")
-    p.add_argument("--gpus-per-worker", type=int, default=2, help="fake GPUs per worker (default: 2)")
+    p.add_argument("--gpus-per-worker", type=int, default=2, choices=sorted(FAKE_SCENARIOS),
+                   help="fake GPUs per worker, as in the agent's shipped scenarios (default: 2)")
     p.add_argument("--subnet", default="10.213.0.0/24", help="lab network (default: 10.213.0.0/24)")
     p.add_argument("--inventory-dir", type=Path, help="where to write the inventory (default: inventories/<name>)")
     p.add_argument("--ca-dir", type=Path, default=Path("/usr/local/share/ca-certificates"),
