@@ -1,0 +1,81 @@
+"""Checks on the converged molecule lab that need a live Ray cluster (run by `make integration`)."""
+
+import ipaddress
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lab as labtool
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+LAB = labtool.Lab("molecule", 2, ipaddress.IPv4Network("10.213.1.0/24"), REPO / "inventories" / "molecule", 2)
+
+# Runs on the head as the Ray user: an actor pinned to the head reports its pid, then the agent's own
+# state-API client (from the agent's venv) must map that pid to the actor's job and class.
+ATTRIBUTION_PROBE = r"""
+import json, os, subprocess, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init(address=sys.argv[1] + ":6379", logging_level="ERROR")
+head = next(n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == sys.argv[1])
+
+@ray.remote(num_cpus=0)
+class TrainingHolder:
+    def pid(self):
+        return os.getpid()
+
+pinned = NodeAffinitySchedulingStrategy(head["NodeID"], soft=False)
+holder = TrainingHolder.options(scheduling_strategy=pinned).remote()
+pid = ray.get(holder.pid.remote())
+agent_side = '''
+import json, sys, time
+from pathlib import Path
+from ray_agent.attribution import RayStateClient
+client = RayStateClient("http://127.0.0.1:8265", Path("/etc/rayrack/ray_token"), 5)
+pid, found = int(sys.argv[2]), {}
+for _ in range(60):
+    found = client.identities(client.node_id(sys.argv[1]))
+    if pid in found:
+        break
+    time.sleep(0.5)
+ident = found.get(pid)
+print(json.dumps(None if ident is None else {"job_id": ident.job_id, "actor": ident.actor, "task": ident.task}))
+'''
+out = subprocess.run(["/opt/rayrack/agent/bin/python", "-c", agent_side, sys.argv[1], str(pid)],
+                     capture_output=True, text=True, timeout=60)
+print("PROBE " + json.dumps({"pid": pid, "job_id": ray.get_runtime_context().get_job_id(),
+                             "agent": json.loads(out.stdout) if out.stdout.strip() else out.stderr}))
+"""
+
+
+def on_head(script: str, *args: str) -> str:
+    head = LAB.nodes[0]
+    command = ("sudo -u ray sh -c " + shlex.quote(
+        "set -a; . /etc/rayrack/ray.env; cd /var/lib/rayrack; python - " + " ".join(map(shlex.quote, args))))
+    result = labtool.run("ssh", "-i", str(LAB.key), "-o", f"UserKnownHostsFile={LAB.known_hosts}",
+                         "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{labtool.ADMIN_USER}@{head.ip}",
+                         command, input_text=script, capture=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module", autouse=True)
+def converged_lab():
+    if not LAB.known_hosts.exists():
+        pytest.fail("the molecule lab is not up: run `make integration` (it converges the lab, then runs these)")
+
+
+def test_agent_attributes_a_real_ray_actor_to_its_job_and_class():
+    head_ip = LAB.nodes[0].ip
+    line = next(ln for ln in on_head(ATTRIBUTION_PROBE, head_ip).splitlines() if ln.startswith("PROBE "))
+    probe = json.loads(line.removeprefix("PROBE "))
+    assert isinstance(probe["agent"], dict), f"the agent found no Ray identity for pid {probe['pid']}: {probe}"
+    assert probe["agent"]["job_id"] == probe["job_id"], probe
+    assert probe["agent"]["actor"] == "TrainingHolder", probe
