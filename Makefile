@@ -48,8 +48,10 @@ lint: venv ## yamllint, ansible-lint (production profile), ruff
 unit: host-deps ## pytest: everything that needs no lab nodes
 	$(BIN)/pytest -m "not lab"
 
-# The scenario keeps its nodes for the lab tests, then removes them whatever happened.
+# Start from no nodes (`--destroy=never` also skips the first destroy); keep them for the lab tests, then
+# remove them whatever happened.
 integration: host-deps ## molecule scenario `cluster` (create, converge, idempotence, check, verify) and lab tests
+	$(BIN)/molecule destroy -s cluster >/dev/null; \
 	$(BIN)/molecule test -s cluster --destroy=never; rc=$$?; \
 	if [ $$rc -eq 0 ]; then $(BIN)/pytest -m lab; rc=$$?; fi; \
 	$(BIN)/molecule destroy -s cluster >/dev/null; exit $$rc
