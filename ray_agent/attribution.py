@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 _LIST_LIMIT = 10_000
 # A mapping is dropped when this many refresh intervals pass without a successful refresh.
 _STALE_AFTER_TTLS = 3
+# How many parents up a GPU process may be from the Ray worker that started it.
+_ANCESTOR_DEPTH = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,19 @@ class RayStateError(Exception):
     pass
 
 
+def read_token(token_file: Path | None) -> str | None:
+    """The cluster token for `Authorization: Bearer`, read on every use so that a rotated token is picked up."""
+    if token_file is None:
+        return None
+    try:
+        token = token_file.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise RayStateError(f"cannot read token file {token_file}: {err.strerror}") from None
+    if not token:
+        raise RayStateError(f"token file {token_file} is empty")
+    return token
+
+
 class RayStateClient:
     """Reads Ray's state API (`/api/v0/...`) with urllib; optional bearer token for Ray token auth."""
 
@@ -60,15 +75,7 @@ class RayStateClient:
         self.timeout = timeout
 
     def _token(self) -> str | None:
-        if self.token_file is None:
-            return None
-        try:
-            token = self.token_file.read_text(encoding="utf-8").strip()
-        except OSError as err:
-            raise RayStateError(f"cannot read token file {self.token_file}: {err.strerror}") from None
-        if not token:
-            raise RayStateError(f"token file {self.token_file} is empty")
-        return token
+        return read_token(self.token_file)
 
     def list(self, resource: str, filters: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
         """GET /api/v0/<resource> with `key=value` filters; returns the rows."""
@@ -139,6 +146,14 @@ def identities_from_state(
             task=task.get("name") or task.get("func_or_class_name") or "",
         )
     return found
+
+
+def _parent_pid(proc_path: Path, pid: int) -> int | None:
+    try:
+        stat = (proc_path / str(pid) / "stat").read_text(encoding="utf-8", errors="replace")
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @lru_cache(maxsize=256)
@@ -238,7 +253,21 @@ class Attribution:
             return None
         if self._clock.monotonic() - refreshed_at > self.config.ttl * _STALE_AFTER_TTLS:
             return None
-        return self._identities.get(pid)
+        identities = self._identities
+        if not identities:
+            return None
+        # A process started by a Ray worker (a training subprocess, a launcher's children) belongs to the
+        # worker's job: walk up the parents until a known worker, pid 1, or the depth limit.
+        current: int | None = pid
+        for _ in range(_ANCESTOR_DEPTH + 1):
+            assert current is not None
+            found = identities.get(current)
+            if found is not None:
+                return found
+            current = _parent_pid(self.proc_path, current)
+            if current is None or current <= 1:
+                return None
+        return None
 
     def user(self, pid: int) -> str:
         """Linux user owning /proc/<pid>; empty when the process is gone or not visible here."""

@@ -27,9 +27,10 @@ from ray_agent import __version__
 from ray_agent.attribution import Attribution
 from ray_agent.clock import Clock, SystemClock
 from ray_agent.config import BACKENDS, Config, ConfigError, load_config, parse_listen_address
-from ray_agent.exporter import SnapshotCollector
+from ray_agent.exporter import GuardCollector, SnapshotCollector
 from ray_agent.gpu.base import GpuBackend
 from ray_agent.gpu.fake import FakeBackend, ScenarioError, load_scenario
+from ray_agent.guard import Guard, describe_stages
 from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler, Snapshot
 from ray_agent.server import ListenError, MetricsServer, default_route_address
@@ -115,12 +116,15 @@ class Agent:
     attribution: Attribution
     registry: CollectorRegistry
     host: str
+    guard: Guard | None = None
 
 
 def build_backend(config: Config, clock: Clock) -> GpuBackend:
     if config.gpu.backend == "fake":
         assert config.gpu.fake_scenario is not None  # enforced by config validation
-        return FakeBackend(load_scenario(config.gpu.fake_scenario, uuid_seed=socket.gethostname()), clock)
+        return FakeBackend(
+            load_scenario(config.gpu.fake_scenario, uuid_seed=socket.gethostname()), clock, config.host.proc_path
+        )
     # Imported here so that the fake backend works where nvidia-ml-py is absent.
     from ray_agent.gpu.nvml import NvmlBackend
 
@@ -137,9 +141,15 @@ def build_agent(config: Config, clock: Clock | None = None, host: str | None = N
     registry = CollectorRegistry(auto_describe=False)
     stale_after = 3 * config.collection.interval + 2 * config.collection.call_timeout
     registry.register(SnapshotCollector(sampler.latest, config.exporter, stale_after, clock))
+    guard = None
+    if config.guard.enabled:
+        guard = Guard(config.guard, config.attribution, clock, proc_path=config.host.proc_path)
+        # The listener only updates memory and queues work; actions run in the guard's own threads.
+        sampler.subscribe(guard.observe)
+        registry.register(GuardCollector(guard.latest))
     if config.exporter.process_metrics:
         ProcessCollector(registry=registry)
-    return Agent(config, sampler, attribution, registry, host)
+    return Agent(config, sampler, attribution, registry, host, guard)
 
 
 def run(config: Config) -> int:
@@ -166,6 +176,8 @@ def run(config: Config) -> int:
     signal.signal(signal.SIGINT, request_stop)
 
     agent.attribution.start()
+    if agent.guard is not None:
+        agent.guard.start()
     agent.sampler.start()
     scheme = "https" if config.web.tls else "http"
     shown_host = f"[{agent.host}]" if ":" in agent.host else agent.host
@@ -181,6 +193,8 @@ def run(config: Config) -> int:
         pass
     server.stop()
     agent.sampler.stop()
+    if agent.guard is not None:
+        agent.guard.stop()
     agent.attribution.stop()
     log.info("stopped")
     return EXIT_OK
@@ -321,7 +335,28 @@ def check(config: Config) -> int:
     agent.sampler.stop()
     if config.attribution.enabled and agent.attribution.status and not agent.attribution.status.success:
         print(f"attribution: {agent.attribution.status.error}", file=sys.stderr)
-    return EXIT_OK if render_check(snapshot, config.attribution.enabled, sys.stdout) else EXIT_FAILURE
+    ok = render_check(snapshot, config.attribution.enabled, sys.stdout)
+    render_guard(config, sys.stdout)
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def render_guard(config: Config, out: TextIO) -> None:
+    """One line on the idle guard's configuration (check never runs it: one snapshot cannot show idleness)."""
+    guard = config.guard
+    if not guard.enabled:
+        out.write("Idle guard   disabled\n")
+        return
+    webhook = (
+        f"webhook from {guard.webhook_url_file}"
+        if guard.webhook_url_file
+        else f"webhook from ${guard.webhook_url_env}"
+        if guard.webhook_url_env
+        else "no webhook"
+    )
+    out.write(
+        f"Idle guard   {'dry-run' if guard.dry_run else 'ACTIVE'}: held GPUs below {guard.idle_threshold:.0%} "
+        f"for {guard.window:g}s -> {describe_stages(guard)}; {webhook}; audit {guard.audit_log}\n"
+    )
 
 
 def check_config(config: Config) -> int:

@@ -30,6 +30,29 @@ Example (every key optional)::
       dcgm_compat: false                # also export dcgm-exporter metric names and labels
       hostname: null                    # Hostname label of dcgm names; default: this host's name
       process_metrics: true             # the agent's own process_* metrics
+    guard:                              # the idle-GPU guard (see ray_agent/guard); off unless enabled
+      enabled: false
+      dry_run: true                     # decide and audit, but never stop a job or kill a process
+      idle_threshold: 0.05              # utilisation ratio below which a held GPU counts as idle
+      window: 30m                       # a held GPU idle for this long becomes idle_held
+      min_samples: 3                    # ... and only after at least this many idle samples
+      max_gap: 2m                       # unobserved time longer than this (stalls, restarts) restarts the clock
+      stages:                           # delays after the GPU became idle_held; null turns a stage off
+        notify_after: 0s                # log line, metrics, webhook
+        stop_after: null                # stop the Ray job through the Jobs API (attribution's URL and token)
+        kill_after: null                # SIGTERM the holding processes, SIGKILL after kill_grace
+        kill_grace: null                # required with kill_after
+      webhook_url_file: null            # a file holding a Slack-compatible webhook URL, or
+      webhook_url_env: null             # the name of an environment variable holding it
+      webhook_retries: 3                # retries after a failed delivery, with doubling backoff
+      webhook_backoff: 1s               # first retry delay
+      request_timeout: 5s               # per webhook / Jobs API request
+      allow_users: []                   # Linux users never acted on (fnmatch patterns)
+      allow_job_patterns: []            # matched against submission id, job id, entrypoint, metadata name
+      allow_processes: []               # matched against the process name (comm) and argv[0]'s base name
+      opt_out_metadata_key: rayrack.idle_guard   # job metadata {key: "off"} opts a job out
+      audit_log: /var/lib/ray-agent/guard-audit.jsonl
+      state_file: /var/lib/ray-agent/guard-state.json
 """
 
 from __future__ import annotations
@@ -116,6 +139,38 @@ class ExporterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GuardStages:
+    """Delays, counted from the moment a GPU became idle_held; None turns a stage off."""
+
+    notify_after: float | None = 0.0
+    stop_after: float | None = None
+    kill_after: float | None = None
+    kill_grace: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    enabled: bool = False
+    dry_run: bool = True
+    idle_threshold: float = 0.05
+    window: float = 1800.0
+    min_samples: int = 3
+    max_gap: float = 120.0
+    stages: GuardStages = field(default_factory=GuardStages)
+    webhook_url_file: Path | None = None
+    webhook_url_env: str | None = None
+    webhook_retries: int = 3
+    webhook_backoff: float = 1.0
+    request_timeout: float = 5.0
+    allow_users: tuple[str, ...] = ()
+    allow_job_patterns: tuple[str, ...] = ()
+    allow_processes: tuple[str, ...] = ()
+    opt_out_metadata_key: str = "rayrack.idle_guard"
+    audit_log: Path = Path("/var/lib/ray-agent/guard-audit.jsonl")
+    state_file: Path = Path("/var/lib/ray-agent/guard-state.json")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     web: WebConfig = field(default_factory=WebConfig)
     collection: CollectionConfig = field(default_factory=CollectionConfig)
@@ -123,6 +178,7 @@ class Config:
     host: HostConfig = field(default_factory=HostConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     exporter: ExporterConfig = field(default_factory=ExporterConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 def parse_listen_address(text: str) -> ListenAddress:
@@ -211,6 +267,36 @@ class _Reader:
 
         return self.get(key, default, parse)
 
+    def integer(self, key: str, default: int, minimum: int) -> int:
+        def parse(value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"expected an integer, got {value!r}")
+            if value < minimum:
+                raise ValueError(f"must be at least {minimum}, got {value}")
+            return value
+
+        return self.get(key, default, parse)
+
+    def ratio(self, key: str, default: float) -> float:
+        def parse(value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+                raise ValueError(f"expected a ratio above 0 and at most 1, got {value!r}")
+            return float(value)
+
+        return self.get(key, default, parse)
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        def parse(value: Any) -> tuple[str, ...]:
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"expected a list of non-empty strings, got {value!r}")
+            return tuple(value)
+
+        return self.get(key, (), parse)
+
+    def optional_duration(self, key: str) -> float | None:
+        """A duration, or None when the key is absent or null (a stage that is off)."""
+        return self.get(key, None, parse_duration)
+
     def path(self, key: str, base_dir: Path) -> Path | None:
         text = self.string(key, None)
         if text is None:
@@ -234,7 +320,28 @@ def _url(value: Any) -> str:
     return value.rstrip("/")
 
 
-_SECTIONS = ("web", "collection", "gpu", "host", "attribution", "exporter")
+_SECTIONS = ("web", "collection", "gpu", "host", "attribution", "exporter", "guard")
+_GUARD_KEYS = (
+    "enabled",
+    "dry_run",
+    "idle_threshold",
+    "window",
+    "min_samples",
+    "max_gap",
+    "stages",
+    "webhook_url_file",
+    "webhook_url_env",
+    "webhook_retries",
+    "webhook_backoff",
+    "request_timeout",
+    "allow_users",
+    "allow_job_patterns",
+    "allow_processes",
+    "opt_out_metadata_key",
+    "audit_log",
+    "state_file",
+)
+_STAGE_KEYS = ("notify_after", "stop_after", "kill_after", "kill_grace")
 
 
 def build_config(document: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
@@ -321,6 +428,8 @@ def build_config(document: Any, source: str = "<config>", base_dir: Path | None 
         process_metrics=exp.boolean("process_metrics", True),
     )
 
+    guard = _guard_config(source, top.node.get("guard"), base_dir, interval)
+
     return Config(
         web=WebConfig(listen, tls),
         collection=CollectionConfig(interval, call_timeout, retry),
@@ -328,6 +437,65 @@ def build_config(document: Any, source: str = "<config>", base_dir: Path | None 
         host=HostConfig(proc_path),
         attribution=attribution,
         exporter=exporter,
+        guard=guard,
+    )
+
+
+def _guard_config(source: str, node: Any, base_dir: Path, interval: float) -> GuardConfig:
+    defaults = GuardConfig()
+    reader = _Reader(source, "guard", node, _GUARD_KEYS)
+    window = reader.duration("window", defaults.window, 1.0)
+    max_gap = reader.duration("max_gap", min(defaults.max_gap, window), interval)
+    if max_gap > window:
+        raise reader.error("max_gap", f"({max_gap:g}s) must not exceed guard.window ({window:g}s)")
+
+    stages_reader = _Reader(source, "guard.stages", reader.node.get("stages"), _STAGE_KEYS)
+    stage_defaults = GuardStages()
+    # An absent key keeps its default; an explicit null turns the stage off.
+    notify_after = (
+        stages_reader.optional_duration("notify_after")
+        if "notify_after" in stages_reader.node
+        else stage_defaults.notify_after
+    )
+    stop_after = stages_reader.optional_duration("stop_after")
+    kill_after = stages_reader.optional_duration("kill_after")
+    kill_grace = stages_reader.optional_duration("kill_grace")
+    if kill_after is not None and kill_grace is None:
+        raise stages_reader.error("kill_grace", "is required when kill_after is set (e.g. 30s)")
+    if kill_grace is not None and kill_grace > 600:
+        raise stages_reader.error("kill_grace", f"must be at most 600s, got {kill_grace:g}s")
+    previous: tuple[str, float] | None = None
+    for key, delay in (("notify_after", notify_after), ("stop_after", stop_after), ("kill_after", kill_after)):
+        if delay is None:
+            continue
+        if previous is not None and delay < previous[1]:
+            raise stages_reader.error(key, f"({delay:g}s) must not be earlier than {previous[0]} ({previous[1]:g}s)")
+        previous = (key, delay)
+
+    url_file = reader.path("webhook_url_file", base_dir)
+    url_env = reader.string("webhook_url_env", None)
+    if url_file is not None and url_env is not None:
+        raise reader.error("webhook_url_env", "use either webhook_url_file or webhook_url_env, not both")
+
+    return GuardConfig(
+        enabled=reader.boolean("enabled", defaults.enabled),
+        dry_run=reader.boolean("dry_run", defaults.dry_run),
+        idle_threshold=reader.ratio("idle_threshold", defaults.idle_threshold),
+        window=window,
+        min_samples=reader.integer("min_samples", defaults.min_samples, 1),
+        max_gap=max_gap,
+        stages=GuardStages(notify_after, stop_after, kill_after, kill_grace),
+        webhook_url_file=url_file,
+        webhook_url_env=url_env,
+        webhook_retries=reader.integer("webhook_retries", defaults.webhook_retries, 0),
+        webhook_backoff=reader.duration("webhook_backoff", defaults.webhook_backoff, 0.0),
+        request_timeout=reader.duration("request_timeout", defaults.request_timeout, 0.05),
+        allow_users=reader.strings("allow_users"),
+        allow_job_patterns=reader.strings("allow_job_patterns"),
+        allow_processes=reader.strings("allow_processes"),
+        opt_out_metadata_key=reader.string("opt_out_metadata_key", None) or defaults.opt_out_metadata_key,
+        audit_log=reader.path("audit_log", base_dir) or defaults.audit_log,
+        state_file=reader.path("state_file", base_dir) or defaults.state_file,
     )
 
 

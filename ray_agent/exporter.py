@@ -21,6 +21,8 @@ from ray_agent import __version__
 from ray_agent.clock import Clock, SystemClock
 from ray_agent.config import ExporterConfig
 from ray_agent.gpu.base import GpuSample
+from ray_agent.guard import GuardSnapshot
+from ray_agent.guard.tracker import GpuState
 from ray_agent.sampler import GpuStatus, Snapshot
 
 PREFIX = "rayrack_"
@@ -29,6 +31,7 @@ _GPU_LABELS = ["gpu", "uuid"]
 # dcgm-exporter's label set, so that its dashboards and queries work unchanged.
 DCGM_LABELS = ["gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION"]
 PROCESS_LABELS = ["gpu", "uuid", "pid", "user", "ray_job_id", "ray_actor", "ray_task"]
+GUARD_STATES = tuple(state.value for state in GpuState)
 
 
 def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -388,4 +391,77 @@ class SnapshotCollector(Collector):
                 count = getattr(sample.ecc, attribute) if sample.ecc is not None else None
                 if count is not None:
                     family.add_metric(labels(status, sample), count)
+            yield family
+
+
+class GuardCollector(Collector):
+    """The idle guard's families, from its latest GuardSnapshot. Registered only when the guard is enabled."""
+
+    def __init__(self, source: Callable[[], GuardSnapshot]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        guard = self._source()
+        dry_run = _gauge("guard_dry_run", "1 when the idle guard only reports what it would do, else 0.")
+        dry_run.add_metric([], 1.0 if guard.dry_run else 0.0)
+        yield dry_run
+
+        state = _gauge(
+            "guard_gpu_state",
+            "Idle guard state of the GPU: 1 for the current one of busy, idle_held, free, unknown.",
+            [*_GPU_LABELS, "state"],
+        )
+        idle_run = _gauge(
+            "guard_idle_run_seconds",
+            "How long the GPU has been held with utilisation below the threshold (0 when it is not).",
+            _GPU_LABELS,
+        )
+        for track in guard.gpus:
+            labels = [str(track.index), track.uuid]
+            for name in GUARD_STATES:
+                state.add_metric([*labels, name], 1.0 if track.state == name else 0.0)
+            idle_run.add_metric(labels, track.idle_seconds)
+        yield state
+        yield idle_run
+
+        idle = _counter(
+            "gpu_idle_seconds",
+            "GPU-seconds spent idle_held (held, utilisation below the threshold for the whole window), by the "
+            "holding user and Ray job; a GPU held by several owners is shared equally among them.",
+            ["user", "ray_job_id"],
+        )
+        for (user, job), seconds in sorted(guard.idle_seconds_total.items()):
+            idle.add_metric([user, job], seconds)
+        yield idle
+
+        actions = _counter(
+            "guard_actions",
+            "Idle guard audit records, one per process per stage, by action and outcome.",
+            ["stage", "action", "outcome"],
+        )
+        for (stage, action, outcome), count in sorted(guard.actions_total.items()):
+            actions.add_metric([stage, action, outcome], count)
+        yield actions
+        for name, documentation, value in (
+            (
+                "guard_webhook_failed_attempts",
+                "Webhook deliveries that failed (each retry counts).",
+                guard.webhook_failed_attempts_total,
+            ),
+            (
+                "guard_audit_write_failures",
+                "Audit records that could not be written.",
+                guard.audit_write_failures_total,
+            ),
+            (
+                "guard_state_write_failures",
+                "Failed writes of the guard's state file.",
+                guard.state_write_failures_total,
+            ),
+        ):
+            family = _counter(name, documentation)
+            family.add_metric([], value)
             yield family

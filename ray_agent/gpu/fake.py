@@ -36,6 +36,8 @@ string such as ``90s``, ``1m30s``, ``250ms``. Sizes are bytes or strings such as
         delay: 5ms
         processes:
           - {pid: 4242, user: alice, memory: 20GiB, from: 0s, until: 10m}   # from/until optional
+        # processes: from_cuda_visible_devices   # instead of a list: real processes, see below
+        # process_memory: 18GiB                  # memory of each such process (default 1GiB)
         faults:
           - {call: any, error: GPU_IS_LOST, from: 60s, until: 90s}
 
@@ -44,6 +46,21 @@ Traces
 A trace is either a single number (constant) or a list of segments. Each segment lasts ``for`` and holds
 ``value``, or ramps linearly ``from`` -> ``to``. The list loops forever: its period is the sum of the
 segments. Byte counters fed by a rate trace (NVLink) are the exact integral of the trace.
+
+Processes from CUDA_VISIBLE_DEVICES
+-----------------------------------
+With ``processes: from_cuda_visible_devices`` a fake GPU is held by the real processes on this node that
+were given it: every process whose ``/proc/<pid>/environ`` has ``CUDA_VISIBLE_DEVICES`` listing this GPU's
+index (or its UUID), each using ``process_memory`` bytes; the user comes from /proc like NVML's. A process
+whose parent carries the same value inherited it rather than being assigned it, and is not listed (so a
+Ray node started with ``CUDA_VISIBLE_DEVICES`` set does not make every worker a holder).
+
+``/proc/<pid>/environ`` is the environment a process was started with: a Ray worker that sets
+``CUDA_VISIBLE_DEVICES`` in ``os.environ`` for a ``num_gpus`` task does not show it there, but the
+processes it starts afterwards do. A lab job therefore holds fake GPU N by running a child process from its
+``num_gpus=1`` task (attribution maps the child to the task's Ray job through its parent). Reading another
+user's environ needs the same user, root, or CAP_SYS_PTRACE; processes the agent cannot read are not seen.
+Utilisation and everything else still come from the scenario's traces.
 
 Faults
 ------
@@ -230,6 +247,8 @@ class FakeGpu:
     xids: tuple[XidEvent, ...]
     processes: tuple[ScheduledProcess, ...]
     delay: float | None
+    processes_from_cuda_visible_devices: bool = False
+    process_memory_bytes: int = 2**30
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,8 +284,10 @@ _GPU_KEYS = {
     "unsupported",
     "delay",
     "processes",
+    "process_memory",
     "faults",
 }
+FROM_CUDA_VISIBLE_DEVICES = "from_cuda_visible_devices"
 _FAULT_KEYS = {"call", "error", "from", "until", "every", "gpu"}
 _PROCESS_KEYS = {"pid", "user", "memory", "from", "until"}
 _ECC_KEYS = {"corrected_volatile", "uncorrected_volatile", "corrected_aggregate", "uncorrected_aggregate"}
@@ -461,7 +482,22 @@ class _Parser:
 
         processes = []
         seen_pids: set[int] = set()
-        for i, item in enumerate(self.sequence(node.get("processes", []), _join(path, "processes"))):
+        discover = node.get("processes") == FROM_CUDA_VISIBLE_DEVICES
+        process_memory = 2**30
+        if "process_memory" in node:
+            if not discover:
+                raise self.fail(
+                    _join(path, "process_memory"), f"is only used with processes: {FROM_CUDA_VISIBLE_DEVICES}"
+                )
+            process_memory = int(size(node["process_memory"], _join(path, "process_memory")))
+            if process_memory > total:
+                raise self.fail(_join(path, "process_memory"), "exceeds memory_total")
+        if isinstance(node.get("processes"), str) and not discover:
+            raise self.fail(
+                _join(path, "processes"), f"expected a list of processes or {FROM_CUDA_VISIBLE_DEVICES!r}"
+            )
+        listed = [] if discover else node.get("processes", [])
+        for i, item in enumerate(self.sequence(listed, _join(path, "processes"))):
             item_path = f"{_join(path, 'processes')}[{i}]"
             self.mapping(item, item_path, _PROCESS_KEYS, required=("pid", "memory"))
             pid = self.integer(item["pid"], _join(item_path, "pid"), 1)
@@ -520,6 +556,8 @@ class _Parser:
             xids=tuple(sorted(xids, key=lambda x: x.at)),
             processes=tuple(processes),
             delay=self.duration(node["delay"], _join(path, "delay")) if "delay" in node else None,
+            processes_from_cuda_visible_devices=discover,
+            process_memory_bytes=process_memory,
         )
         return gpu, tuple(faults)
 
@@ -585,6 +623,47 @@ def load_scenario(path: Path, uuid_seed: str = "") -> Scenario:
     return parse_scenario(text, str(path), uuid_seed)
 
 
+# --- real processes by CUDA_VISIBLE_DEVICES --------------------------------------------------------
+
+
+def _visible_devices(proc_path: Path, pid: str) -> str | None:
+    try:
+        environ = (proc_path / pid / "environ").read_bytes()
+    except OSError:
+        return None  # gone, or not ours to read
+    for item in environ.split(b"\0"):
+        if item.startswith(b"CUDA_VISIBLE_DEVICES="):
+            return item.split(b"=", 1)[1].decode(errors="replace")
+    return None
+
+
+def _parent(proc_path: Path, pid: str) -> str | None:
+    try:
+        stat = (proc_path / pid / "stat").read_text(encoding="utf-8", errors="replace")
+        return stat.rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return None
+
+
+def processes_assigned(proc_path: Path, index: int, uuid: str) -> tuple[int, ...]:
+    """Pids whose start-up CUDA_VISIBLE_DEVICES lists GPU `index` (or `uuid`) and did not inherit it."""
+    wanted = {str(index), uuid}
+    try:
+        entries = [entry.name for entry in proc_path.iterdir() if entry.name.isdigit()]
+    except OSError:
+        return ()
+    found = []
+    for pid in entries:
+        value = _visible_devices(proc_path, pid)
+        if value is None or not wanted.intersection(v.strip() for v in value.split(",")):
+            continue
+        parent = _parent(proc_path, pid)
+        if parent is not None and _visible_devices(proc_path, parent) == value:
+            continue
+        found.append(int(pid))
+    return tuple(sorted(found))
+
+
 # --- backend --------------------------------------------------------------------------------------
 
 
@@ -593,9 +672,10 @@ class FakeBackend:
 
     name = "fake"
 
-    def __init__(self, scenario: Scenario, clock: Clock | None = None) -> None:
+    def __init__(self, scenario: Scenario, clock: Clock | None = None, proc_path: Path = Path("/proc")) -> None:
         self.scenario = scenario
         self._clock = clock or SystemClock()
+        self.proc_path = proc_path
         self._origin = self._clock.monotonic()
         self._closed = threading.Event()
         self._initialised = False
@@ -658,6 +738,11 @@ class FakeBackend:
             return fields.read(name, reader)
 
         running = tuple(p for p in gpu.processes if p.window.active(t))
+        if gpu.processes_from_cuda_visible_devices:
+            running = tuple(
+                ScheduledProcess(pid, None, gpu.process_memory_bytes, Window())
+                for pid in processes_assigned(self.proc_path, index, gpu.uuid)
+            )
 
         def memory() -> tuple[int, int]:
             used = (

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from agent.support import fake_sampler
+from agent.support import PROC_FIXTURE, fake_sampler
 from ray_agent.attribution import Attribution, RayIdentity, identities_from_state
 from ray_agent.clock import FakeClock
 from ray_agent.config import AttributionConfig
@@ -178,12 +178,16 @@ def token_file(tmp_path: Path) -> Path:
 
 
 def attribution_for(
-    dashboard: RayDashboard, token_file: Path | None, clock: FakeClock | None = None, ttl: float = 10.0
+    dashboard: RayDashboard,
+    token_file: Path | None,
+    clock: FakeClock | None = None,
+    ttl: float = 10.0,
+    proc_path: Path = Path("/proc"),
 ) -> Attribution:
     config = AttributionConfig(
         enabled=True, dashboard_url=dashboard.url, token_file=token_file, ttl=ttl, request_timeout=2.0
     )
-    return Attribution(config, node_ip=NODE_IP, clock=clock or FakeClock())
+    return Attribution(config, node_ip=NODE_IP, clock=clock or FakeClock(), proc_path=proc_path)
 
 
 def test_identities_from_state_rows() -> None:
@@ -195,7 +199,8 @@ def test_identities_from_state_rows() -> None:
 
 
 def test_refresh_maps_pids_on_this_node_with_the_token(dashboard: RayDashboard, token_file: Path) -> None:
-    attribution = attribution_for(dashboard, token_file)
+    # A /proc without pid directories: this host's real pid 1003 may descend from its real 1001.
+    attribution = attribution_for(dashboard, token_file, proc_path=PROC_FIXTURE)
     status = attribution.refresh()
     assert status.success, status.error
     assert attribution.ray_identity(1001) == RayIdentity("02000000", "Trainer", "Trainer.fit")
@@ -303,3 +308,33 @@ def test_slow_ray_never_blocks_collection(dashboard: RayDashboard, token_file: P
         assert sampler.collect_once().processes[0].ray_actor == "Trainer"
     finally:
         attribution.stop()
+
+
+def fake_proc(root: Path, parents: dict[int, int]) -> Path:
+    """A /proc with only `<pid>/stat` files, wired child -> parent (the comm has a space and a paren)."""
+    for pid, parent in parents.items():
+        (root / str(pid)).mkdir(parents=True)
+        (root / str(pid) / "stat").write_text(f"{pid} (python (w) x) S {parent} {pid} {pid} 0 -1\n")
+    return root
+
+
+def test_a_child_of_a_ray_worker_belongs_to_its_job(dashboard: RayDashboard, token_file: Path, tmp_path: Path) -> None:
+    # 1001 is the Trainer worker; 5000 its subprocess, 5001 a grandchild; 6000 descends from init only.
+    proc = fake_proc(tmp_path, {5000: 1001, 5001: 5000, 6000: 1, 1001: 900, 900: 1})
+    attribution = attribution_for(dashboard, token_file, proc_path=proc)
+    assert attribution.refresh().success
+    trainer = RayIdentity("02000000", "Trainer", "Trainer.fit")
+    assert attribution.ray_identity(5000) == trainer
+    assert attribution.ray_identity(5001) == trainer
+    assert attribution.ray_identity(6000) is None
+    assert attribution.ray_identity(7000) is None  # no such process
+
+
+def test_ancestor_walk_is_bounded(dashboard: RayDashboard, token_file: Path, tmp_path: Path) -> None:
+    chain = {7000 + i: 7000 + i + 1 for i in range(20)}
+    chain[7020] = 1001
+    proc = fake_proc(tmp_path, chain)
+    attribution = attribution_for(dashboard, token_file, proc_path=proc)
+    assert attribution.refresh().success
+    assert attribution.ray_identity(7019) is not None  # two levels up
+    assert attribution.ray_identity(7000) is None  # twenty levels up: not a child of that worker any more

@@ -1,0 +1,511 @@
+"""What the guard does about an idle_held GPU: notify (log + webhook), stop the Ray job, kill the process.
+
+Everything here runs in the guard's action worker thread, never in the sampler thread; every network call
+has a timeout. Dry-run (the default) evaluates everything up to the last step and audits "dry_run".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from ray_agent.attribution import RayStateError, read_token
+from ray_agent.config import GuardConfig
+from ray_agent.guard.audit import DONE, DRY_RUN, FAILED, SKIPPED, rfc3339
+from ray_agent.guard.policy import JOB_ACTIVE, JobInfo, Policy, ProcessName, process_name
+from ray_agent.guard.tracker import STAGES, Escalation, Holder
+
+log = logging.getLogger(__name__)
+
+# Job states in which stopping makes sense (ray.job_submission.JobStatus).
+_STOPPABLE = frozenset({"PENDING", "RUNNING"})
+# How long the job list is reused between escalations that arrive together.
+_JOBS_CACHE_SECONDS = 5.0
+# After SIGKILL, how long to wait for the process to disappear before calling it a failure.
+_SIGKILL_WAIT_SECONDS = 5.0
+
+
+class ActionError(Exception):
+    pass
+
+
+# --- webhook --------------------------------------------------------------------------------------
+
+
+class Webhook:
+    """POSTs Slack-compatible JSON, retrying transport errors, 429 and 5xx with doubling backoff."""
+
+    def __init__(
+        self,
+        config: GuardConfig,
+        stop: threading.Event | None = None,
+        on_failed_attempt: Callable[[], None] = lambda: None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.url_file = config.webhook_url_file
+        self.url_env = config.webhook_url_env
+        self.retries = config.webhook_retries
+        self.backoff = config.webhook_backoff
+        self.timeout = config.request_timeout
+        self._stop = stop or threading.Event()
+        self._on_failed_attempt = on_failed_attempt
+        self._environ = os.environ if environ is None else environ
+
+    @property
+    def configured(self) -> bool:
+        return self.url_file is not None or self.url_env is not None
+
+    def url(self) -> str:
+        """Read on every send, so that a rotated URL is picked up. Never logged: it is a secret."""
+        if self.url_file is not None:
+            try:
+                url = self.url_file.read_text(encoding="utf-8").strip()
+            except OSError as err:
+                raise ActionError(f"cannot read webhook_url_file {self.url_file}: {err.strerror}") from None
+            if not url:
+                raise ActionError(f"webhook_url_file {self.url_file} is empty")
+            return url
+        assert self.url_env is not None
+        url = self._environ.get(self.url_env, "").strip()
+        if not url:
+            raise ActionError(f"environment variable {self.url_env} (webhook_url_env) is empty or unset")
+        return url
+
+    def send(self, payload: Mapping[str, Any]) -> str:
+        """Deliver or raise ActionError after the last attempt; returns a short description of the delivery."""
+        url = self.url()
+        body = json.dumps(payload).encode()
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt and self._stop.wait(self.backoff * 2 ** (attempt - 1)):
+                raise ActionError(f"agent stopping; gave up after {attempt} attempt(s): {last}")
+            request = urllib.request.Request(
+                url, data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    response.read()
+                    return f"delivered (HTTP {response.status}, attempt {attempt + 1})"
+            except urllib.error.HTTPError as err:
+                last = f"HTTP {err.code}"
+                self._on_failed_attempt()
+                if err.code != 429 and err.code < 500:
+                    raise ActionError(f"webhook refused the message: {last}") from None
+            except (urllib.error.URLError, OSError) as err:
+                last = str(getattr(err, "reason", err))
+                self._on_failed_attempt()
+        raise ActionError(f"webhook failed after {self.retries + 1} attempt(s): {last}")
+
+
+# --- Ray Jobs API ---------------------------------------------------------------------------------
+
+
+class RayJobsClient:
+    """The Ray Jobs REST API subset the guard needs: `GET /api/jobs/` and `POST /api/jobs/<id>/stop`."""
+
+    def __init__(self, dashboard_url: str, token_file: Path | None, timeout: float) -> None:
+        self.dashboard_url = dashboard_url.rstrip("/")
+        self.token_file = token_file
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str) -> Any:
+        request = urllib.request.Request(f"{self.dashboard_url}{path}", method=method)
+        try:
+            token = read_token(self.token_file)
+        except RayStateError as err:
+            raise ActionError(str(err)) from None
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as err:
+            hint = " (is the token right?)" if err.code in (401, 403) else ""
+            raise ActionError(f"{method} {path}: HTTP {err.code}{hint}") from None
+        except (urllib.error.URLError, OSError) as err:
+            raise ActionError(f"{method} {path}: {getattr(err, 'reason', err)}") from None
+        except ValueError as err:
+            raise ActionError(f"{method} {path}: response is not JSON: {err}") from None
+
+    def list_jobs(self) -> list[JobInfo]:
+        rows = self._request("GET", "/api/jobs/")
+        if not isinstance(rows, list):
+            raise ActionError("GET /api/jobs/: expected a list of jobs")
+        jobs = []
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            metadata = row.get("metadata") or {}
+            jobs.append(
+                JobInfo(
+                    job_id=str(row.get("job_id") or ""),
+                    submission_id=str(row.get("submission_id") or ""),
+                    type=str(row.get("type") or ""),
+                    status=str(row.get("status") or ""),
+                    entrypoint=str(row.get("entrypoint") or ""),
+                    metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
+                )
+            )
+        return jobs
+
+    def stop(self, submission_id: str) -> bool:
+        """True when Ray stopped a running job, False when it was no longer running."""
+        answer = self._request("POST", f"/api/jobs/{quote(submission_id, safe='')}/stop")
+        if not isinstance(answer, dict) or not isinstance(answer.get("stopped"), bool):
+            raise ActionError('POST stop: expected {"stopped": true|false}')
+        return answer["stopped"]
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def _process_user(pid: int, proc_path: Path) -> str | None:
+    import pwd
+
+    try:
+        uid = os.stat(proc_path / str(pid)).st_uid
+    except OSError:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _wait_exit(pidfd: int | None, pid: int, timeout: float, stop: threading.Event) -> bool:
+    """True once the process has exited (a zombie counts), False after `timeout`."""
+    if pidfd is not None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        if time.monotonic() >= deadline or stop.wait(0.05):
+            return False
+
+
+def terminate(pid: int, grace: float, stop: threading.Event | None = None) -> tuple[str, str]:
+    """SIGTERM, wait up to `grace`, then SIGKILL. Returns (last signal sent, what happened).
+
+    A pidfd pins the process, so a pid reused during the grace period is never signalled.
+    """
+    stop = stop or threading.Event()
+    pidfd: int | None = None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise ActionError(f"pid {pid} is gone") from None
+    except OSError:
+        pidfd = None  # kernels before 5.3: plain signals, with the small pid-reuse window they have
+
+    def send(sig: signal.Signals) -> None:
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, sig)
+        else:
+            os.kill(pid, sig)
+
+    started = time.monotonic()
+    try:
+        send(signal.SIGTERM)
+        if _wait_exit(pidfd, pid, grace, stop):
+            return "sigterm", f"exited {time.monotonic() - started:.1f}s after SIGTERM"
+        send(signal.SIGKILL)
+        if _wait_exit(pidfd, pid, _SIGKILL_WAIT_SECONDS, stop):
+            return "sigkill", f"ignored SIGTERM for {grace:g}s; killed with SIGKILL"
+        raise ActionError(f"pid {pid} survived SIGKILL for {_SIGKILL_WAIT_SECONDS:g}s")
+    except ProcessLookupError:
+        return "sigterm", "exited before it could be signalled again"
+    except PermissionError:
+        raise ActionError(f"not permitted to signal pid {pid} (the agent needs CAP_KILL or the same user)") from None
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+# --- the action worker's handling of one escalation -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    escalation: Escalation
+    names: Mapping[int, ProcessName]
+    jobs: Mapping[str, JobInfo]
+    jobs_error: str
+
+
+class ActionRunner:
+    """Carries out one escalation: policy per holder, then the stage's action, then one audit record each."""
+
+    def __init__(
+        self,
+        config: GuardConfig,
+        jobs: RayJobsClient | None,
+        webhook: Webhook,
+        record: Callable[[dict[str, Any]], None],
+        host: str,
+        proc_path: Path = Path("/proc"),
+        clock_time: Callable[[], float] = time.time,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = Policy(config)
+        self.jobs_client = jobs
+        self.webhook = webhook
+        self._record = record
+        self.host = host
+        self.proc_path = proc_path
+        self._time = clock_time
+        self._stop = stop or threading.Event()
+        self._jobs_cache: tuple[float, dict[str, JobInfo]] | None = None
+
+    # --- inputs ---
+
+    def _jobs(self, holders: tuple[Holder, ...]) -> tuple[dict[str, JobInfo], str]:
+        if self.jobs_client is None or not any(h.ray_job_id for h in holders):
+            return {}, ""
+        now = time.monotonic()
+        if self._jobs_cache is not None and now - self._jobs_cache[0] < _JOBS_CACHE_SECONDS:
+            return self._jobs_cache[1], ""
+        try:
+            jobs = {j.job_id: j for j in self.jobs_client.list_jobs() if j.job_id}
+        except ActionError as err:
+            log.warning("idle guard: Ray Jobs API unavailable: %s", err)
+            return {}, str(err)
+        self._jobs_cache = (now, jobs)
+        return jobs, ""
+
+    def handle(self, escalation: Escalation) -> None:
+        jobs, jobs_error = self._jobs(escalation.holders)
+        names = {h.pid: process_name(h.pid, self.proc_path) for h in escalation.holders}
+        context = _Context(escalation, names, jobs, jobs_error)
+        if escalation.stage == "notify":
+            self._notify(context)
+        elif escalation.stage == "stop":
+            self._stop_jobs(context)
+        else:
+            self._kill(context)
+
+    # --- records ---
+
+    def _audit(self, context: _Context, holder: Holder, action: str, outcome: str, reason: str) -> None:
+        escalation = context.escalation
+        job = context.jobs.get(holder.ray_job_id)
+        name = context.names.get(holder.pid)
+        self._record(
+            {
+                "time": rfc3339(self._time()),
+                "gpu": escalation.gpu,
+                "uuid": escalation.uuid,
+                "pid": holder.pid,
+                "user": holder.user,
+                "process": (name.comm or name.argv0) if name else "",
+                "ray_job_id": holder.ray_job_id,
+                "submission_id": job.submission_id if job else "",
+                "ray_actor": holder.ray_actor,
+                "ray_task": holder.ray_task,
+                "stage": escalation.stage,
+                "action": action,
+                "outcome": outcome,
+                "reason": reason,
+                "idle_seconds": round(escalation.idle_seconds, 1),
+                "dry_run": self.config.dry_run,
+            }
+        )
+
+    def _exempt(self, context: _Context, holder: Holder) -> tuple[str, str] | None:
+        job = context.jobs.get(holder.ray_job_id)
+        return self.policy.exemption(holder, context.names[holder.pid], job)
+
+    # --- notify ---
+
+    def _notify(self, context: _Context) -> None:
+        escalation = context.escalation
+        action = "webhook" if self.webhook.configured else "log"
+        targets = []
+        for holder in escalation.holders:
+            exempt = self._exempt(context, holder)
+            if exempt is not None:
+                self._audit(context, holder, action, *exempt)
+            else:
+                targets.append(holder)
+        if not targets:
+            return
+        text = self._text(context, targets)
+        log.warning("idle guard: %s", text)
+        if not self.webhook.configured:
+            for holder in targets:
+                self._audit(context, holder, action, DONE, "logged; no webhook configured")
+            return
+        try:
+            outcome, reason = DONE, self.webhook.send(self._payload(context, targets, text))
+        except ActionError as err:
+            outcome, reason = FAILED, str(err)
+            log.error("idle guard: notification for gpu %d failed: %s", escalation.gpu, err)
+        for holder in targets:
+            self._audit(context, holder, action, outcome, reason)
+
+    def _next_stage(self, stage: str) -> tuple[str, float] | None:
+        stages = self.config.stages
+        delays = {"notify": stages.notify_after, "stop": stages.stop_after, "kill": stages.kill_after}
+        current = delays[stage] or 0.0
+        for name in STAGES[STAGES.index(stage) + 1 :]:
+            delay = delays[name]
+            if delay is not None:
+                return name, max(0.0, delay - current)
+        return None
+
+    def _text(self, context: _Context, targets: list[Holder]) -> str:
+        escalation = context.escalation
+        who = "; ".join(self._describe(context, h) for h in targets)
+        text = (
+            f"GPU {escalation.gpu} ({escalation.uuid}) on {self.host} has been idle for "
+            f"{_human(escalation.idle_seconds)} while held by {who}."
+        )
+        following = self._next_stage(escalation.stage)
+        if following is not None:
+            verb = {"stop": "its Ray job will be stopped", "kill": "the process will be killed"}[following[0]]
+            text += f" If it stays idle, {verb} in {_human(following[1])}."
+        if self.config.dry_run and following is not None:
+            text += " (dry-run: nothing will actually be stopped)"
+        return text
+
+    @staticmethod
+    def _describe(context: _Context, holder: Holder) -> str:
+        parts = [f"pid {holder.pid}"]
+        if holder.ray_job_id:
+            job = context.jobs.get(holder.ray_job_id)
+            parts.append(
+                f"Ray job {holder.ray_job_id}" + (f" ({job.submission_id})" if job and job.submission_id else "")
+            )
+        if holder.ray_actor:
+            parts.append(f"actor {holder.ray_actor}")
+        if holder.ray_task:
+            parts.append(f"task {holder.ray_task}")
+        return f"{holder.user or 'unknown user'} ({', '.join(parts)})"
+
+    def _payload(self, context: _Context, targets: list[Holder], text: str) -> dict[str, Any]:
+        escalation = context.escalation
+        following = self._next_stage(escalation.stage)
+        return {
+            "text": text,
+            "host": self.host,
+            "gpu": escalation.gpu,
+            "uuid": escalation.uuid,
+            "state": "idle_held",
+            "idle_seconds": round(escalation.idle_seconds, 1),
+            "stage": escalation.stage,
+            "next_stage": following[0] if following else None,
+            "next_stage_in_seconds": following[1] if following else None,
+            "dry_run": self.config.dry_run,
+            "holders": [
+                {
+                    "pid": h.pid,
+                    "user": h.user,
+                    "ray_job_id": h.ray_job_id,
+                    "submission_id": (context.jobs[h.ray_job_id].submission_id if h.ray_job_id in context.jobs else ""),
+                    "ray_actor": h.ray_actor,
+                    "ray_task": h.ray_task,
+                }
+                for h in targets
+            ],
+        }
+
+    # --- stop ---
+
+    def _stop_jobs(self, context: _Context) -> None:
+        action = "ray_job_stop"
+        stopped: dict[str, tuple[str, str]] = {}  # submission id -> outcome, so one POST serves all holders
+        for holder in context.escalation.holders:
+            outcome, reason = self._stop_one(context, holder, stopped)
+            self._audit(context, holder, action, outcome, reason)
+
+    def _stop_one(self, context: _Context, holder: Holder, stopped: dict[str, tuple[str, str]]) -> tuple[str, str]:
+        exempt = self._exempt(context, holder)
+        if exempt is not None:
+            return exempt
+        active = self.policy.active_elsewhere(context.escalation, holder)
+        if active is not None:
+            return JOB_ACTIVE, active
+        if not holder.ray_job_id:
+            return SKIPPED, "process is not attributed to a Ray job"
+        if self.jobs_client is None:
+            return SKIPPED, "attribution is disabled, so the Jobs API is not configured"
+        if context.jobs_error:
+            return FAILED, f"Jobs API unavailable, cannot check the job's opt-out: {context.jobs_error}"
+        job = context.jobs.get(holder.ray_job_id)
+        if job is None:
+            return SKIPPED, f"job {holder.ray_job_id} is not in the Jobs API's list"
+        if job.type != "SUBMISSION" or not job.submission_id:
+            return SKIPPED, f"job {job.job_id} was started by a driver (ray.init), not submitted; it cannot be stopped"
+        if job.status not in _STOPPABLE:
+            return SKIPPED, f"job {job.submission_id} is {job.status}"
+        if self.config.dry_run:
+            return DRY_RUN, f"would stop submission {job.submission_id}"
+        if job.submission_id not in stopped:
+            try:
+                if self.jobs_client.stop(job.submission_id):
+                    result = (DONE, f"stopped submission {job.submission_id}")
+                else:
+                    result = (SKIPPED, f"submission {job.submission_id} was no longer running")
+                self._jobs_cache = None  # the job's status changed
+            except ActionError as err:
+                result = (FAILED, str(err))
+            stopped[job.submission_id] = result
+        return stopped[job.submission_id]
+
+    # --- kill ---
+
+    def _kill(self, context: _Context) -> None:
+        grace = self.config.stages.kill_grace or 0.0
+        for holder in context.escalation.holders:
+            action = "sigterm"
+            exempt = self._exempt(context, holder)
+            active = self.policy.active_elsewhere(context.escalation, holder) if exempt is None else None
+            if exempt is not None:
+                outcome, reason = exempt
+            elif active is not None:
+                outcome, reason = JOB_ACTIVE, active
+            elif holder.ray_job_id and context.jobs_error:
+                outcome, reason = FAILED, f"Jobs API unavailable, cannot check the job's opt-out: {context.jobs_error}"
+            elif _process_user(holder.pid, self.proc_path) != holder.user:
+                # Gone, or the pid now belongs to someone else: never signal a stranger.
+                outcome, reason = SKIPPED, f"pid {holder.pid} is gone or no longer owned by {holder.user}"
+            elif self.config.dry_run:
+                outcome, reason = DRY_RUN, f"would send SIGTERM to pid {holder.pid}, SIGKILL after {grace:g}s"
+            else:
+                try:
+                    action, reason = terminate(holder.pid, grace, self._stop)
+                    outcome = DONE
+                except ActionError as err:
+                    outcome, reason = FAILED, str(err)
+            self._audit(context, holder, action, outcome, reason)
+
+
+def _human(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
