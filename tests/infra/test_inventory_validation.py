@@ -219,3 +219,14 @@ def test_shipped_example_inventory_is_valid(tmp_path):
     report = json.loads(result.stdout)
     assert result.returncode == 0, failure_message(report)
     assert set(report["stats"]) == {"localhost"}
+
+
+def test_guard_stop_needs_a_reachable_jobs_api():
+    guard = {"ray_agent_guard_enabled": True, "ray_agent_guard_stop_after": "15m"}
+    groups, hostvars = cluster(worker1=guard, worker2=guard)
+    assert errors(groups, hostvars) == [
+        "ray_agent_guard_stop_after: stopping Ray jobs from worker1, worker2 needs the Jobs API there, but "
+        "rayrack_ray_dashboard_host is 127.0.0.1; set it to the head's cluster address (token authentication "
+        "protects it)"]
+    groups, hostvars = cluster(head={"rayrack_ray_dashboard_host": "10.0.0.10"}, worker1=guard, worker2=guard)
+    assert errors(groups, hostvars) == []

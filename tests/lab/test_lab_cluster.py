@@ -1,5 +1,6 @@
 """Checks on the converged molecule lab that need a live Ray cluster (run by `make integration`)."""
 
+import http.server
 import ipaddress
 import json
 import os
@@ -7,6 +8,8 @@ import secrets
 import shlex
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,110 @@ except urllib.error.HTTPError as err:
     print(err.code)
 """)
     assert status.strip() == "403"
+
+
+# Leaves the lab reconfigured for the guard (dashboard on the head's address, guard on): keep it last.
+GUARD_JOB = r"""
+import subprocess, sys, time
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init()
+node = next(n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == sys.argv[1])
+
+@ray.remote(num_gpus=1)
+def hold_gpu():
+    # A child inherits CUDA_VISIBLE_DEVICES in its environment: the lab's fake GPU shows it as the holder.
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)"])
+    time.sleep(900)
+
+ray.get(hold_gpu.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote())
+"""
+
+JOBS_CLIENT = r"""
+import json, sys, urllib.request
+base, token = sys.argv[1], open("/etc/rayrack/ray_token").read().strip()
+def call(method, path, body=None):
+    req = urllib.request.Request(base + path, method=method, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=10))
+"""
+
+
+SUBMIT = r"""
+import shlex
+entrypoint = "python -c " + shlex.quote(sys.argv[2]) + " " + sys.argv[3]
+print(call("POST", "/api/jobs/", {"entrypoint": entrypoint, "metadata": {"name": "guard-lab"}})["submission_id"])
+"""
+STATUS = 'print(call("GET", "/api/jobs/" + sys.argv[2])["status"])'
+
+
+class WebhookReceiver(http.server.ThreadingHTTPServer):
+    """Collects the guard's notifications, on the lab network's gateway (this host)."""
+
+    def __init__(self, address: str):
+        self.bodies: list[dict] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                receiver.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__((address, 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def jobs(base: str, script: str, *args: str) -> str:
+    return on_head(JOBS_CLIENT + script, base, *args)
+
+
+def test_idle_guard_stops_the_idle_job_and_dry_run_stops_nothing():
+    head, dry, live = LAB.nodes[0], LAB.nodes[1], LAB.nodes[2]
+    receiver = WebhookReceiver(str(next(LAB.subnet.hosts())))
+    try:
+        guard = {
+            "ray_agent_fake_scenario": "builtin:lab-2gpu-ray",
+            "ray_agent_guard_enabled": True,
+            "ray_agent_guard_window": "60s",
+            "ray_agent_guard_notify_after": "0s",
+            "ray_agent_guard_stop_after": "20s",
+            "ray_agent_guard_webhook_url": f"http://{receiver.server_address[0]}:{receiver.server_address[1]}/hook",
+            "ray_agent_extra_config": {"guard": {"max_gap": "30s"}},
+        }
+        host_vars = LAB.inventory_dir / "host_vars"
+        host_vars.mkdir(exist_ok=True)
+        (host_vars / f"{dry.name}.yml").write_text(json.dumps({**guard, "ray_agent_guard_dry_run": True}))
+        (host_vars / f"{live.name}.yml").write_text(json.dumps({**guard, "ray_agent_guard_dry_run": False}))
+        group_vars = LAB.inventory_dir / "group_vars" / "all" / "guard.yml"
+        group_vars.write_text(json.dumps({"rayrack_ray_dashboard_host": head.ip}))
+        env = dict(os.environ, ANSIBLE_CACHE_PLUGIN_CONNECTION=str(LAB.inventory_dir / ".facts"))
+        result = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(LAB.inventory_dir),
+                                 "playbooks/ray.yml", "playbooks/ray_agent.yml"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-4000:]
+
+        base = f"http://{head.ip}:8265"
+        ids = {node.name: jobs(base, SUBMIT, GUARD_JOB, node.ip).strip().splitlines()[-1] for node in (dry, live)}
+        deadline = time.monotonic() + 420  # idle after 1 min, a 60 s window, stop 20 s later: about 3 min
+        while time.monotonic() < deadline and jobs(base, STATUS, ids[live.name]).strip() != "STOPPED":
+            time.sleep(10)
+        assert jobs(base, STATUS, ids[live.name]).strip() == "STOPPED"
+        assert jobs(base, STATUS, ids[dry.name]).strip() == "RUNNING"
+
+        def audit(node):
+            res = labtool.podman("exec", node.container, "cat", "/var/lib/ray-agent/guard-audit.jsonl", capture=True)
+            return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+        stopped = [r for r in audit(live) if r["action"] == "ray_job_stop"]
+        assert any(r["outcome"] == "done" and r["submission_id"] == ids[live.name] and r["user"] == "ray"
+                   for r in stopped), stopped
+        would = [r for r in audit(dry) if r["action"] == "ray_job_stop"]
+        assert would and all(r["outcome"] == "dry_run" for r in would), would
+        assert any(ids[live.name] in json.dumps(body) for body in receiver.bodies), receiver.bodies
+    finally:
+        receiver.shutdown()

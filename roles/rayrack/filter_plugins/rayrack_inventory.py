@@ -20,6 +20,7 @@ ROLES_DIR = Path(__file__).resolve().parents[2]
 CLUSTER_PREFIX = "rayrack_"
 HEAD_GROUP, WORKER_GROUP = "ray_head", "ray_workers"
 MIN_TOKEN_AUTH_RAY = (2, 52, 0)
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 # Format rules beyond the type: (regex, what is allowed).
 FORMATS = {
@@ -196,6 +197,15 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
         for name, port in ports.items():
             if low <= port <= high:
                 errors.append(f"{name}: port {port} lies inside the worker port range {low}-{high}")
+
+    # The idle guard stops jobs through the Jobs API on the head: workers must be able to reach it.
+    dashboard = cluster.get("rayrack_ray_dashboard_host")
+    stoppers = [h for h in workers if hostvars[h].get("ray_agent_guard_enabled")
+                and hostvars[h].get("ray_agent_guard_stop_after") is not None]
+    if stoppers and dashboard in LOOPBACK:
+        errors.append(f"ray_agent_guard_stop_after: stopping Ray jobs from {', '.join(stoppers)} needs the Jobs API "
+                      f"there, but rayrack_ray_dashboard_host is {dashboard}; set it to the head's cluster address "
+                      "(token authentication protects it)")
     return errors
 
 
