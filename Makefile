@@ -12,7 +12,7 @@ WORKERS ?= 2
 # Each lab keeps its own fact cache, removed with it.
 LAB_ANSIBLE := ANSIBLE_CACHE_PLUGIN_CONNECTION=$(CURDIR)/inventories/$(LAB)/.facts $(BIN)/ansible-playbook
 
-.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration bench bench-cluster bench-agent clean
+.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration bench bench-cluster bench-agent bench-idle clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -56,13 +56,16 @@ integration: host-deps ## molecule scenario `cluster` (create, converge, idempot
 	if [ $$rc -eq 0 ]; then $(BIN)/pytest -m lab; rc=$$?; fi; \
 	$(BIN)/molecule destroy -s cluster >/dev/null; exit $$rc
 
-bench: bench-cluster bench-agent ## All benchmarks
+bench: bench-cluster bench-agent bench-idle ## All benchmarks
 
 bench-cluster: host-deps ## site.yml cold and re-run times, tuned vs stock Ansible; cluster-ready vs plain `ray start`
 	$(BIN)/python tests/bench/bench_cluster.py
 
 bench-agent: venv ## ray_agent: CPU per scrape, RSS, CPU share, /metrics latency with a hung GPU
 	$(BIN)/python tests/bench/bench_agent.py
+
+bench-idle: venv ## Idle guard: detection latency vs window + interval, false positives on gap traces
+	$(BIN)/python tests/bench/bench_idle.py
 
 clean: lab-down ## Remove the lab, caches and the venv
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
