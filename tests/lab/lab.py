@@ -380,11 +380,12 @@ print(f"  {len(rows)} GPUs")
 """
 
 
-def ssh(lab: Lab, node: Node, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def ssh(lab: Lab, node: Node, command: str, check: bool = True, input_text: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
     """Run a command on a node the way Ansible reaches it: SSH as the admin user, host key checked."""
     return run("ssh", "-i", str(lab.key), "-o", f"UserKnownHostsFile={lab.known_hosts}",
                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{ADMIN_USER}@{node.ip}", command,
-               check=check, capture=True)
+               check=check, capture=True, input_text=input_text)
 
 
 def status(lab: Lab) -> int:

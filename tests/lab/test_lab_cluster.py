@@ -62,12 +62,9 @@ print("PROBE " + json.dumps({"pid": pid, "job_id": ray.get_runtime_context().get
 
 
 def on_head(script: str, *args: str) -> str:
-    head = LAB.nodes[0]
     command = ("sudo -u ray sh -c " + shlex.quote(
         "set -a; . /etc/rayrack/ray.env; cd /var/lib/rayrack; python - " + " ".join(map(shlex.quote, args))))
-    result = labtool.run("ssh", "-i", str(LAB.key), "-o", f"UserKnownHostsFile={LAB.known_hosts}",
-                         "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{labtool.ADMIN_USER}@{head.ip}",
-                         command, input_text=script, capture=True, check=False)
+    result = labtool.ssh(LAB, LAB.nodes[0], command, check=False, input_text=script)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
