@@ -51,7 +51,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="ray-agent", description="GPU and host metrics exporter for rayrack nodes.", allow_abbrev=False
+        prog="ray-agent",
+        description="GPU and host metrics exporter for rayrack nodes.",
+        epilog="`ray-agent nvml-sim compile SCENARIO OUT` compiles a scenario for the simulated libnvidia-ml "
+        "(see `ray-agent nvml-sim --help`).",
+        allow_abbrev=False,
     )
     parser.add_argument(
         "command",
@@ -379,6 +383,12 @@ def _best_effort_host() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["nvml-sim"]:
+        # Its own argument parser: `ray-agent nvml-sim compile SCENARIO OUT` takes no agent flags.
+        from ray_agent.gpu.nvml_sim.compiler import main as nvml_sim_main
+
+        return nvml_sim_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

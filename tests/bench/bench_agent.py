@@ -7,12 +7,20 @@ Measures, all on 127.0.0.1 with the fake backend:
   3. CPU share of that process with 1 s collection and a scrape every 15 s, over a 30 s window read from
      /proc/<pid>/stat. Goal: <= 1 % of one core.
   4. /metrics p99 latency while one GPU hangs for 60 s, against a healthy agent. Goal: ratio <= 2.
+  5. Peers on one simulated 8-GPU node (the simulated libnvidia-ml.so.1, `make nvml-sim`, serving the
+     demo-8gpu scenario): the agent with its NVML backend, nvitop-exporter and a `ray start --head
+     --num-gpus 8` node's metrics endpoint (Ray's dashboard agent, which reads GPUs through pynvml too), all
+     running at once with a 1 s collection interval. For each: CPU per scrape (a burst of scrapes, less the
+     process's idle CPU over the same time), idle CPU share and RSS, with the ratios peer / ours.
+     Goal: ours costs no more than either peer per scrape and in RSS.
 Exits 0 whatever the outcome; each line says PASS or MISS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -28,6 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+import psutil  # noqa: E402  (a Ray dependency, present wherever the bench runs)
 from prometheus_client import Counter, Gauge, disable_created_metrics, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
@@ -137,17 +146,23 @@ def free_port() -> int:
 
 
 class Agent:
-    def __init__(self, workdir: Path, name: str, gpus: dict, interval: str) -> None:
+    def __init__(
+        self, workdir: Path, name: str, gpus: dict | None, interval: str, env: dict[str, str] | None = None
+    ) -> None:
+        """`gpus`: a fake-backend scenario; None reads GPUs through NVML (with `env` naming the library)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/metrics"
-        scenario_path = workdir / f"{name}.scenario.yml"
-        scenario_path.write_text(yaml.safe_dump(gpus))
+        gpu: dict = {"backend": "nvml"}
+        if gpus is not None:
+            scenario_path = workdir / f"{name}.scenario.yml"
+            scenario_path.write_text(yaml.safe_dump(gpus))
+            gpu = {"backend": "fake", "fake_scenario": str(scenario_path)}
         config = workdir / f"{name}.yml"
         config.write_text(
             yaml.safe_dump(
                 {
                     "web": {"listen_address": f"127.0.0.1:{self.port}"},
-                    "gpu": {"backend": "fake", "fake_scenario": str(scenario_path)},
+                    "gpu": gpu,
                     "collection": {"interval": interval, "call_timeout": "500ms"},
                     # Attribution on, as deployed, against a local port where no Ray answers.
                     "attribution": {"dashboard_url": f"http://127.0.0.1:{free_port()}", "ttl": "10s"},
@@ -157,6 +172,7 @@ class Agent:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ray_agent.cli", "--config.file", str(config), "--log.level", "error"],
             cwd=REPO,
+            env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -256,6 +272,154 @@ def bench_process_footprint(workdir: Path) -> None:
     report("RSS of the agent at 8 GPUs", f"{rss / 2**20:.1f} MiB", "<= 60 MiB", rss <= 60 * 2**20)
 
 
+# --- 5. peers on simulated GPUs ---------------------------------------------------------------------
+
+PEER_BURST_SCRAPES = 40
+PEER_IDLE_SECONDS = 10.0
+# A Ray head needs 30-60 s to come up on 2 busy cores.
+PEER_START_SECONDS = 150.0
+
+
+def wait_for(url: str, needle: bytes, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if needle in response.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{name}: {needle.decode()} did not appear on {url} within {timeout:.0f} s")
+
+
+def listener(port: int) -> psutil.Process:
+    for conn in psutil.net_connections("tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            return psutil.Process(conn.pid)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+class Peer:
+    """One exporter process: the process serving `url` is the one measured."""
+
+    def __init__(self, name: str, url: str, process: psutil.Process) -> None:
+        self.name, self.url, self.process = name, url, process
+
+    def cpu(self) -> float:
+        times = self.process.cpu_times()
+        return times.user + times.system
+
+    def scrape(self) -> int:
+        with urllib.request.urlopen(self.url, timeout=30) as response:
+            return len(response.read())
+
+
+def stop_tree(root: subprocess.Popen) -> None:
+    """Stop a process we started and every process it started, by pid (never `ray stop`: it would also
+    stop Ray nodes this benchmark did not start)."""
+    try:
+        parent = psutil.Process(root.pid)
+        procs = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        procs = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    root.wait()
+
+
+def bench_peers(workdir: Path) -> None:
+    library = REPO / "build" / "nvml-sim" / "libnvidia-ml.so.1"
+    subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "nvml-sim"], check=True, stdout=subprocess.DEVNULL)
+    config = workdir / "nvml-sim.conf"
+    subprocess.run(
+        [sys.executable, "-m", "ray_agent.cli", "nvml-sim", "compile", "builtin:demo-8gpu", str(config)],
+        cwd=REPO,
+        check=True,
+    )
+    env = {**os.environ, "LD_LIBRARY_PATH": str(library.parent), "RAYRACK_NVML_SCENARIO": str(config)}
+    bin_dir = Path(sys.executable).parent
+    nvitop_port, ray_metrics_port = free_port(), free_port()
+    started: list[subprocess.Popen] = []
+    ours = None
+    ray_dir = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))  # short: Ray's socket paths must fit
+    ray_log = (workdir / "ray-start.log").open("wb")
+    try:
+        # Ray first: it takes longest to come up.
+        started.append(
+            subprocess.Popen(
+                [str(bin_dir / "ray"), "start", "--head", "--block", "--num-gpus", "8", "--num-cpus", "1",
+                 "--port", str(free_port()), "--metrics-export-port", str(ray_metrics_port),
+                 "--dashboard-port", str(free_port()), "--include-dashboard", "false",
+                 "--temp-dir", str(ray_dir), "--disable-usage-stats"],
+                env=env, stdout=ray_log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        )
+        started.append(
+            subprocess.Popen(
+                [str(bin_dir / "nvitop-exporter"), "--bind-address", "127.0.0.1", "--port", str(nvitop_port),
+                 "--interval", "1"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )
+        ours = Agent(workdir, "peers", None, "1s", env=env)
+        nvitop_url = f"http://127.0.0.1:{nvitop_port}/metrics"
+        ray_url = f"http://127.0.0.1:{ray_metrics_port}/metrics"
+        wait_for(ours.url, b'rayrack_gpu_up{gpu="7"', "ray-agent", 30)
+        wait_for(nvitop_url, b'index="7"', "nvitop-exporter", 60)
+        wait_for(ray_url, b'GpuIndex="7"', "ray", PEER_START_SECONDS)
+        peers = [
+            Peer("ray-agent", ours.url, psutil.Process(ours.process.pid)),
+            Peer("nvitop-exporter", nvitop_url, listener(nvitop_port)),
+            Peer("ray (dashboard agent)", ray_url, listener(ray_metrics_port)),
+        ]
+        # Every endpoint reads the simulated GPUs through NVML: the scenario's model and GPU 6's idle holder.
+        for peer in peers:
+            body = urllib.request.urlopen(peer.url, timeout=30).read()
+            assert b"A100-SXM4-80GB" in body or b'rayrack_gpu_info{' in body, f"{peer.name}: no simulated GPUs"
+        time.sleep(2)
+        idle_before = [p.cpu() for p in peers]
+        time.sleep(PEER_IDLE_SECONDS)
+        idle_rate = [(p.cpu() - b) / PEER_IDLE_SECONDS for p, b in zip(peers, idle_before, strict=True)]
+        results = []
+        for peer, rate in zip(peers, idle_rate, strict=True):
+            peer.scrape()
+            before, wall = peer.cpu(), time.monotonic()
+            size = sum(peer.scrape() for _ in range(PEER_BURST_SCRAPES)) // PEER_BURST_SCRAPES
+            spent = peer.cpu() - before - rate * (time.monotonic() - wall)
+            results.append((peer, max(spent, 0.0) / PEER_BURST_SCRAPES, rate, peer.process.memory_info().rss, size))
+    finally:
+        if ours is not None:
+            ours.stop()
+        for proc in reversed(started):
+            stop_tree(proc)
+        ray_log.close()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    base = results[0]
+    for peer, per_scrape, rate, rss, size in results:
+        print(
+            f"      {peer.name:22s} CPU/scrape {per_scrape * 1e3:6.2f} ms   idle CPU {rate * 100:5.2f} %   "
+            f"RSS {rss / 2**20:6.1f} MiB   /metrics {size / 1024:6.1f} KiB"
+            + ("" if peer is base[0] else
+               f"   ratio to ours: CPU/scrape {per_scrape / max(base[1], 1e-9):.2f}, RSS {rss / base[3]:.2f}"),
+            flush=True,
+        )
+    for peer, per_scrape, _, rss, _ in results[1:]:
+        cpu_ratio = per_scrape / max(base[1], 1e-9)
+        report(
+            f"8 simulated GPUs: ray-agent vs {peer.name}",
+            f"CPU/scrape {base[1] * 1e3:.2f} vs {per_scrape * 1e3:.2f} ms (ratio {cpu_ratio:.2f}), "
+            f"RSS {base[3] / 2**20:.0f} vs {rss / 2**20:.0f} MiB (ratio {rss / base[3]:.2f})",
+            "ours <= peer on both",
+            base[1] <= per_scrape and base[3] <= rss,
+        )
+
+
 def main() -> int:
     started = time.monotonic()
     print(f"ray-agent benchmark, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs", flush=True)
@@ -263,6 +427,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ray-agent-bench-") as tmp:
         bench_hang_latency(Path(tmp))
         bench_process_footprint(Path(tmp))
+        bench_peers(Path(tmp))
     missed = [name for name, _, ok in RESULTS if not ok]
     print(
         f"{len(RESULTS) - len(missed)} of {len(RESULTS)} goals met in {time.monotonic() - started:.0f} s"

@@ -1,0 +1,114 @@
+"""The simulated libnvidia-ml on lab workers (nvml_sim role): the node's libnvidia-ml.so.1 is the simulator,
+the agent reads its GPUs with the NVML backend, and Prometheus on the head has them. RAYRACK_LAB names
+another lab (default: the molecule lab, whose workers set nvml_sim_enabled)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lab as labtool
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_NAME = os.environ.get("RAYRACK_LAB", "molecule")
+INVENTORY = REPO / "inventories" / LAB_NAME
+LIBRARY = "/opt/rayrack/nvml-sim/libnvidia-ml.so.1"
+CONFIG = "/etc/rayrack/nvml-sim.conf"
+
+# Runs on a worker as the ray user with no environment help: ld.so must find the simulator by itself.
+NVML_CLIENT = r"""
+import json, pynvml
+pynvml.nvmlInit()
+handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+print(json.dumps({"driver": pynvml.nvmlSystemGetDriverVersion(),
+                  "gpus": [[pynvml.nvmlDeviceGetUUID(h), pynvml.nvmlDeviceGetName(h)] for h in handles]}))
+pynvml.nvmlShutdown()
+"""
+
+PROMETHEUS_QUERY = r"""
+import json, sys, urllib.parse, urllib.request
+url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": sys.argv[1]})
+print(json.dumps(json.load(urllib.request.urlopen(url, timeout=20))["data"]["result"]))
+"""
+
+
+def the_lab() -> labtool.Lab:
+    if not (INVENTORY / ".ssh" / "known_hosts").exists():
+        pytest.fail(f"the {LAB_NAME} lab is not up: run `make integration` (it converges the lab, then runs these)")
+    hosts = yaml.safe_load((INVENTORY / "hosts.yml").read_text())
+    workers = len(hosts["all"]["children"]["ray_workers"]["hosts"])
+    cidr = {}
+    for path in sorted((INVENTORY / "group_vars" / "all").glob("*.yml")):
+        cidr.update(yaml.safe_load(path.read_text()) or {})
+    return labtool.Lab(LAB_NAME, workers, ipaddress.IPv4Network(cidr["rayrack_cluster_cidr"]), INVENTORY, 2)
+
+
+def ssh(lab: labtool.Lab, node: labtool.Node, command: str) -> str:
+    result = labtool.ssh(lab, node, command, check=False)
+    assert result.returncode == 0, f"{node.name}: {command}: {result.stderr[-2000:]}"
+    return result.stdout
+
+
+def compiled_gpus(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """Driver version and (uuid, model) per GPU from the node's compiled scenario."""
+    driver, uuids, models = "", [], []
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "driver_version":
+            driver = value
+        elif key == "uuid":
+            uuids.append(value)
+        elif key == "model":
+            models.append(value)
+    return driver, list(zip(uuids, models, strict=True))
+
+
+def test_workers_read_simulated_gpus_through_nvml_and_prometheus_has_them() -> None:
+    lab = the_lab()
+    started = time.monotonic()
+    simulated = [
+        node for node in lab.nodes[1:] if labtool.ssh(lab, node, f"test -f {CONFIG}", check=False).returncode == 0
+    ]
+    assert simulated, f"no worker of the {LAB_NAME} lab has {CONFIG}: set nvml_sim_enabled on its workers"
+    for node in simulated:
+        driver, gpus = compiled_gpus(ssh(lab, node, f"cat {CONFIG}"))
+        assert gpus, f"{node.name}: {CONFIG} names no GPUs"
+        # ld.so.cache: the simulator comes first, ahead of any driver or Debian library.
+        first = next(ln for ln in ssh(lab, node, "/sbin/ldconfig -p").splitlines() if "libnvidia-ml.so.1 " in ln)
+        assert first.rstrip().endswith(LIBRARY), f"{node.name}: {first.strip()}"
+        seen = json.loads(ssh(lab, node, "sudo -u ray /opt/rayrack/agent/bin/python -c " + shlex.quote(NVML_CLIENT)))
+        assert seen == {"driver": driver, "gpus": [list(g) for g in gpus]}, node.name
+
+        deadline = time.monotonic() + 60
+        while True:
+            info = json.loads(
+                ssh(
+                    lab,
+                    lab.nodes[0],
+                    "python3 -c "
+                    + shlex.quote(PROMETHEUS_QUERY)
+                    + " "
+                    + shlex.quote(
+                        f'rayrack_gpu_info{{node="{node.name}"}} * on(node) group_left(backend) '
+                        f'rayrack_gpu_backend_info{{node="{node.name}",backend="nvml"}}'
+                    ),
+                )
+            )
+            found = sorted((r["metric"]["uuid"], r["metric"]["model"]) for r in info)
+            if found == sorted(gpus) or time.monotonic() > deadline:
+                break
+            time.sleep(5)
+        assert found == sorted(gpus), f"{node.name}: Prometheus has {found}, the scenario {gpus}"
+        assert {r["metric"]["driver_version"] for r in info} == {driver}
+    print(f"checked {len(simulated)} worker(s) in {time.monotonic() - started:.1f} s")
