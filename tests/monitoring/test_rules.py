@@ -1,0 +1,79 @@
+"""promtool on rayrack's Prometheus rules: syntax, and the unit tests in monitoring/prometheus/tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.promtool
+
+REPO = Path(__file__).resolve().parents[2]
+RULES = sorted((REPO / "monitoring" / "prometheus" / "rules").glob("*.yml"))
+TESTS = sorted((REPO / "monitoring" / "prometheus" / "tests").glob("*.test.yml"))
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is required in CI (apt-get install prometheus)")
+        pytest.skip("promtool not installed")
+    return path
+
+
+def rules() -> list[dict]:
+    return [rule for path in RULES for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
+
+
+def test_there_are_rules_and_tests():
+    assert RULES and TESTS
+
+
+@pytest.mark.parametrize("path", RULES, ids=lambda p: p.name)
+def test_promtool_check_rules(path: Path):
+    result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+@pytest.mark.parametrize("path", TESTS, ids=lambda p: p.name)
+def test_promtool_test_rules(path: Path):
+    result = subprocess.run([promtool(), "test", "rules", path.name], cwd=path.parent, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_wrong_expectation_fails(tmp_path: Path):
+    """The unit tests can fail: the same XID test expecting another code is caught."""
+    shutil.copytree(REPO / "monitoring" / "prometheus", tmp_path / "prometheus")
+    test = tmp_path / "prometheus" / "tests" / "gpu-alerts.test.yml"
+    text = test.read_text()
+    assert "the latest code is 79." in text
+    test.write_text(text.replace("the latest code is 79.", "the latest code is 48."))
+    result = subprocess.run([promtool(), "test", "rules", test.name], cwd=test.parent, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and "RayrackGpuXidError" in result.stdout + result.stderr
+
+
+def test_every_rule_has_a_unit_test():
+    tested = "\n".join(path.read_text() for path in TESTS)
+    for rule in rules():
+        if "alert" in rule:
+            assert re.search(rf"alertname: {rule['alert']}\n", tested), f"alert {rule['alert']} has no promtool test"
+        else:
+            assert re.search(rf"expr: {re.escape(rule['record'])}\b", tested), f"{rule['record']} has no promtool test"
+
+
+def test_alerts_have_a_known_severity_and_text():
+    for rule in rules():
+        if "alert" not in rule:
+            continue
+        assert rule["alert"].startswith("Rayrack"), rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
