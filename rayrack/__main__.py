@@ -1,0 +1,5 @@
+import sys
+
+from rayrack.cli import main
+
+sys.exit(main())

@@ -1,0 +1,107 @@
+"""The inventory as Ansible sees it (through `ansible-inventory --list`), and SSH to its nodes."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HEAD_GROUP, WORKER_GROUP = "ray_head", "ray_workers"
+# Role defaults the CLI needs on the controller; an inventory value wins.
+DEFAULTS: dict[str, Any] = {
+    "rayrack_cluster_name": "rayrack",
+    "rayrack_ray_version": "2.60.0",
+    "rayrack_prefix": "/opt/rayrack",
+    "rayrack_ray_dashboard_port": 8265,
+    "rayrack_agent_port": 9489,
+}
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    role: str  # head or worker
+    vars: Mapping[str, Any]
+
+    @property
+    def address(self) -> str:
+        """The IP Ray uses for the node: ray_node_ip, else ansible_host, else the name."""
+        return str(self.vars.get("ray_node_ip") or self.vars.get("ansible_host") or self.name)
+
+    def setting(self, name: str) -> Any:
+        value = self.vars.get(name, DEFAULTS.get(name))
+        return DEFAULTS.get(name) if isinstance(value, str) and "{{" in value else value
+
+    def ssh_command(self, remote: str) -> list[str]:
+        """ssh as Ansible would reach the node (user, port, key, common and extra args), non-interactive."""
+        v = self.vars
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+        if v.get("ansible_port"):
+            cmd += ["-p", str(v["ansible_port"])]
+        if v.get("ansible_ssh_private_key_file"):
+            cmd += ["-i", str(v["ansible_ssh_private_key_file"])]
+        for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+            if v.get(key):
+                cmd += shlex.split(str(v[key]))
+        target = str(v.get("ansible_host") or self.name)
+        user = v.get("ansible_user")
+        return [*cmd, f"{user}@{target}" if user else target, remote]
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path
+    hosts: tuple[Host, ...]
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
+    def head(self) -> Host | None:
+        return next((h for h in self.hosts if h.role == "head"), None)
+
+    def get(self, name: str) -> Host | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+    def setting(self, name: str) -> Any:
+        anchor = self.head or (self.hosts[0] if self.hosts else None)
+        return anchor.setting(name) if anchor else DEFAULTS.get(name)
+
+
+def _group_hosts(listing: Mapping[str, Any], group: str, seen: set[str] | None = None) -> list[str]:
+    """Hosts of a group and of its child groups, in inventory order."""
+    seen = set() if seen is None else seen
+    if group in seen:
+        return []
+    seen.add(group)
+    entry = listing.get(group) or {}
+    hosts = list(entry.get("hosts") or [])
+    for child in entry.get("children") or []:
+        hosts += [h for h in _group_hosts(listing, child, seen) if h not in hosts]
+    return hosts
+
+
+def parse_listing(path: Path, listing: Mapping[str, Any]) -> Inventory:
+    """`ansible-inventory --list` output -> the Ray nodes: the head first, then the workers."""
+    hostvars = (listing.get("_meta") or {}).get("hostvars") or {}
+    heads = _group_hosts(listing, HEAD_GROUP)
+    workers = [h for h in _group_hosts(listing, WORKER_GROUP) if h not in heads]
+    hosts = [Host(h, "head", hostvars.get(h) or {}) for h in heads]
+    hosts += [Host(h, "worker", hostvars.get(h) or {}) for h in workers]
+    return Inventory(path, tuple(hosts))
+
+
+def load(path: Path) -> Inventory:
+    tool = Path(sys.executable).parent / "ansible-inventory"
+    command = str(tool) if tool.exists() else shutil.which("ansible-inventory") or "ansible-inventory"
+    result = subprocess.run([command, "-i", str(path), "--list"], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ansible-inventory could not read {path}: {result.stderr.strip()[-2000:]}")
+    return parse_listing(path, json.loads(result.stdout))
