@@ -1,0 +1,381 @@
+"""Faults on a converged lab, each followed by proof that nothing was lost (run by `make integration`).
+
+A Ray worker killed with SIGKILL, the head stopped and started again, the agent killed with SIGKILL, and a worker
+unreachable over SSH during a playbook run. Each test measures its recovery time; all of them are printed and
+written to .cache/lab-faults.json. The lab is `inventories/molecule` unless RAYRACK_LAB names another one
+(`lab.py up --name NAME`, converged with site.yml).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lab as labtool
+
+pytestmark = pytest.mark.lab
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_NAME = os.environ.get("RAYRACK_LAB", "molecule")
+RESULTS = REPO / ".cache" / "lab-faults.json"
+AGENT_STATE_DIR = "/var/lib/ray-agent"
+
+
+def load_lab(name: str) -> labtool.Lab:
+    """The lab as lab.py wrote its inventory: node count, subnet and fake GPUs per worker."""
+    inventory_dir = REPO / "inventories" / name
+    hosts_file = inventory_dir / "hosts.yml"
+    if not hosts_file.exists():
+        pytest.fail(f"lab {name!r} is not up: `make integration` converges the molecule lab, then runs these")
+    text = "".join(line for line in hosts_file.read_text().splitlines(True) if not line.startswith("#"))
+    groups = json.loads(text)["all"]["children"]
+    workers = groups["ray_workers"]["hosts"]
+    lab_vars = json.loads("".join(line for line in (inventory_dir / "group_vars/all/lab.yml").read_text()
+                                  .splitlines(True) if not line.startswith("#")))
+    gpus = next(iter(workers.values())).get("ray_node_num_gpus", 2)
+    lab = labtool.Lab(name, len(workers), ipaddress.IPv4Network(lab_vars["rayrack_cluster_cidr"]), inventory_dir, gpus)
+    written = {host: spec["ansible_host"] for group in groups.values() for host, spec in group.get("hosts", {}).items()}
+    assert {n.name: n.ip for n in lab.nodes} == written, "the inventory does not match lab.py's layout"
+    return lab
+
+
+LAB = load_lab(LAB_NAME) if (REPO / "inventories" / LAB_NAME / "hosts.yml").exists() else None
+
+
+@pytest.fixture(scope="module")
+def lab():
+    if LAB is None:
+        pytest.fail(f"lab {LAB_NAME!r} is not up: `make integration` converges the molecule lab, then runs these")
+    return LAB
+
+
+@pytest.fixture(scope="module")
+def recovery_log():
+    """Recovery times by fault, printed and written to .cache/lab-faults.json at the end of the module."""
+    times: dict[str, dict[str, float]] = {}
+    yield times
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"lab": LAB_NAME, "recovery_seconds": times}, indent=2) + "\n")
+    print(f"\nrecovery times (s), also in {RESULTS}:")
+    for fault, figures in times.items():
+        print(f"  {fault:<24} " + "  ".join(f"{k}={v:.1f}" for k, v in figures.items()))
+
+
+def sh(lab: labtool.Lab, node: labtool.Node, command: str, input_text: str | None = None) -> str:
+    res = labtool.ssh(lab, node, command, check=False, input_text=input_text)
+    assert res.returncode == 0, f"{node.name}: {command}: {res.stderr[-2000:]}"
+    return res.stdout
+
+
+def unit(lab: labtool.Lab, node: labtool.Node, name: str) -> dict[str, str]:
+    out = sh(lab, node, f"systemctl show -p MainPID,NRestarts,ActiveState,SubState {name}")
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def wait_for(what: str, probe, timeout: float, interval: float = 0.5):
+    """Poll probe() until it returns something truthy; fail naming `what` and the last value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except (AssertionError, subprocess.SubprocessError, ValueError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    pytest.fail(f"{what}: not within {timeout:.0f}s (last: {last!r})")
+
+
+# Runs on the head: Ray's node table through the dashboard's state API, with the cluster token.
+NODES_PROBE = r"""
+import json, sys, urllib.request
+token = open("/etc/rayrack/ray_token").read().strip()
+for host in ("127.0.0.1", sys.argv[1]):
+    try:
+        req = urllib.request.Request(f"http://{host}:8265/api/v0/nodes?limit=1000",
+                                     headers={"Authorization": "Bearer " + token})
+        rows = json.load(urllib.request.urlopen(req, timeout=3))["data"]["result"]["result"]
+        break
+    except OSError:
+        rows = None
+print(json.dumps(None if rows is None else [[r["node_ip"], r["node_id"], r["state"]] for r in rows]))
+"""
+
+
+def alive_nodes(lab: labtool.Lab) -> dict[str, str]:
+    """IP -> node id of every ALIVE Ray node, as the head sees them ({} while the dashboard is down)."""
+    head = lab.nodes[0]
+    out = sh(lab, head, f"sudo python3 - {head.ip}", input_text=NODES_PROBE)
+    rows = json.loads(out.strip().splitlines()[-1]) or []
+    return {ip: node_id for ip, node_id, state in rows if state == "ALIVE"}
+
+
+def all_alive(lab: labtool.Lab) -> dict[str, str] | None:
+    alive = alive_nodes(lab)
+    return alive if set(alive) == {n.ip for n in lab.nodes} else None
+
+
+# A job through the Jobs API (as the ray user, with the token): a task pinned to every node, holding a GPU where
+# the node has some; it prints what ran where and the cluster's GPUs.
+JOB = r"""
+import json, socket, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+ray.init()
+alive = {n["NodeManagerAddress"]: n for n in ray.nodes() if n["Alive"]}
+
+@ray.remote(num_cpus=0)
+def where():
+    return ray.util.get_node_ip_address()
+
+refs = []
+for ip in sys.argv[1].split(","):
+    gpus = alive[ip]["Resources"].get("GPU", 0)
+    pinned = NodeAffinitySchedulingStrategy(alive[ip]["NodeID"], soft=False)
+    refs.append(where.options(num_gpus=1 if gpus else 0, scheduling_strategy=pinned).remote())
+print("JOBRESULT " + json.dumps({"ran_on": sorted(ray.get(refs, timeout=120)),
+                                 "gpus": ray.cluster_resources().get("GPU", 0)}))
+"""
+
+SUBMIT_AND_WAIT = r"""
+import json, shlex, sys, time, urllib.request
+token = open("/etc/rayrack/ray_token").read().strip()
+def call(method, path, body=None):
+    for host in ("127.0.0.1", sys.argv[1]):
+        try:
+            req = urllib.request.Request(f"http://{host}:8265{path}", method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Authorization": "Bearer " + token,
+                                                  "Content-Type": "application/json"})
+            return json.load(urllib.request.urlopen(req, timeout=10))
+        except urllib.error.URLError as err:
+            if host == sys.argv[1]:
+                raise
+entrypoint = "python -c " + shlex.quote(sys.argv[2]) + " " + sys.argv[3]
+job = call("POST", "/api/jobs/", {"entrypoint": entrypoint, "metadata": {"name": "fault-recovery"}})["submission_id"]
+deadline = time.monotonic() + 180
+while (status := call("GET", "/api/jobs/" + job)["status"]) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+    if time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
+print(json.dumps({"status": status, "logs": call("GET", f"/api/jobs/{job}/logs")["logs"][-4000:]}))
+"""
+
+
+def job_runs_everywhere(lab: labtool.Lab) -> None:
+    """Nothing was lost: a job submitted now runs a task on every node and sees every fake GPU."""
+    head = lab.nodes[0]
+    ips = ",".join(n.ip for n in lab.nodes)
+    command = ("sudo -u ray sh -c " + shlex.quote(
+        "set -a; . /etc/rayrack/ray.env; cd /var/lib/rayrack; python3 - "
+        + " ".join(shlex.quote(a) for a in (head.ip, JOB, ips))))
+    result = json.loads(sh(lab, head, command, input_text=SUBMIT_AND_WAIT).strip().splitlines()[-1])
+    assert result["status"] == "SUCCEEDED", result["logs"]
+    line = next(ln for ln in result["logs"].splitlines() if ln.startswith("JOBRESULT "))
+    ran = json.loads(line.removeprefix("JOBRESULT "))
+    assert ran["ran_on"] == sorted(n.ip for n in lab.nodes), ran
+    assert ran["gpus"] == lab.workers * lab.gpus_per_worker, ran
+
+
+def test_a_killed_ray_worker_is_restarted_and_rejoins(lab, recovery_log):
+    head, victim, bystanders = lab.nodes[0], lab.nodes[1], lab.nodes[2:]
+    before = wait_for("every node alive before the fault", lambda: all_alive(lab), 120)
+    was = unit(lab, victim, "ray-worker")
+    assert was["ActiveState"] == "active", was
+
+    started = time.monotonic()
+    sh(lab, victim, f"sudo kill -9 {was['MainPID']}")
+    now = wait_for("systemd restarts ray-worker", lambda: (
+        u if (u := unit(lab, victim, "ray-worker"))["ActiveState"] == "active"
+        and u["MainPID"] not in ("0", was["MainPID"]) else None), 60)
+    restarted = time.monotonic() - started
+    after = wait_for("the worker rejoins as a new Ray node", lambda: (
+        a if (a := all_alive(lab)) and a[victim.ip] != before[victim.ip] else None), 300, interval=1)
+    rejoined = time.monotonic() - started
+    recovery_log["kill -9 ray worker"] = {"unit_restarted": restarted, "rejoined": rejoined}
+
+    assert int(now["NRestarts"]) == int(was["NRestarts"]) + 1, now
+    # Only the victim changed: the head and the other workers kept their Ray node.
+    assert {ip: after[ip] for ip in (head.ip, *(n.ip for n in bystanders))} == \
+        {ip: before[ip] for ip in (head.ip, *(n.ip for n in bystanders))}
+    job_runs_everywhere(lab)
+    recovery_log["kill -9 ray worker"]["job_after"] = time.monotonic() - started
+
+
+def test_workers_reconnect_after_the_head_returns(lab, recovery_log):
+    head, workers = lab.nodes[0], lab.nodes[1:]
+    wait_for("every node alive before the fault", lambda: all_alive(lab), 120)
+    token = sh(lab, head, "sudo sha256sum /etc/rayrack/ray_token")
+
+    sh(lab, head, "sudo systemctl stop ray-head")
+    try:
+        # Long enough for every worker to lose the GCS, short enough for CI.
+        time.sleep(10)
+        for node in workers:
+            assert unit(lab, node, "ray-worker")["ActiveState"] in ("active", "activating", "deactivating")
+    finally:
+        sh(lab, head, "sudo systemctl start ray-head")
+    started = time.monotonic()
+    wait_for("the head answers again", lambda: alive_nodes(lab).get(head.ip), 300, interval=1)
+    head_back = time.monotonic() - started
+    wait_for("every worker rejoins the new head", lambda: all_alive(lab), 300, interval=1)
+    rejoined = time.monotonic() - started
+    recovery_log["head stopped 10 s"] = {"head_alive": head_back, "all_rejoined": rejoined}
+
+    assert unit(lab, head, "ray-head")["ActiveState"] == "active"
+    for node in workers:
+        state = unit(lab, node, "ray-worker")
+        assert state["ActiveState"] == "active", (node.name, state)
+    assert sh(lab, head, "sudo sha256sum /etc/rayrack/ray_token") == token
+    job_runs_everywhere(lab)
+    recovery_log["head stopped 10 s"]["job_after"] = time.monotonic() - started
+
+
+# Runs on the head: one agent's per-GPU series (names and labels; rayrack_gpu_up stays while a GPU is lost, with
+# value 0) from its /metrics, and Prometheus's latest scrape of that agent.
+AGENT_PROBE = r"""
+import json, sys, urllib.parse, urllib.request
+ip, node, port = sys.argv[1], sys.argv[2], sys.argv[3]
+try:
+    body = urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=3).read().decode()
+    series = sorted({line.rsplit(" ", 1)[0] for line in body.splitlines()
+                     if line.startswith("rayrack_gpu_up{")})
+except OSError:
+    series = None
+query = urllib.parse.quote(f'up{{job="ray-agent",node="{node}"}}')
+try:
+    rows = json.load(urllib.request.urlopen(f"http://127.0.0.1:9090/api/v1/query?query={query}", timeout=3))
+    sample = rows["data"]["result"][0]["value"] if rows["data"]["result"] else None
+except OSError:
+    sample = None
+query = urllib.parse.quote(f'count(rayrack_gpu_up{{node="{node}"}})')
+rows = json.load(urllib.request.urlopen(f"http://127.0.0.1:9090/api/v1/query?query={query}", timeout=3))
+gpus = int(rows["data"]["result"][0]["value"][1]) if rows["data"]["result"] else 0
+print(json.dumps({"series": series, "up": sample, "prometheus_gpus": gpus}))
+"""
+
+# Every file in the agent's state directory with its digest (the guard's state and audit log live there).
+STATE_PROBE = f"cd {AGENT_STATE_DIR} && find . -type f -print0 | sort -z | xargs -0r sha256sum; echo; " \
+              f"stat -c %U:%a {AGENT_STATE_DIR}"
+
+
+def test_a_killed_agent_is_restarted_and_its_metrics_continue(lab, recovery_log):
+    head, victim = lab.nodes[0], lab.nodes[1]
+
+    def probe() -> dict:
+        return json.loads(sh(lab, head, f"python3 - {victim.ip} {victim.name} 9489", input_text=AGENT_PROBE))
+
+    before = wait_for("the agent's series in Prometheus", lambda: (
+        p if (p := probe())["series"] and p["up"] and p["up"][1] == "1" else None), 60)
+    state_before = sh(lab, victim, f"sudo sh -c {shlex.quote(STATE_PROBE)}")
+    was = unit(lab, victim, "ray-agent")
+
+    started = time.monotonic()
+    killed_at = time.time()
+    sh(lab, victim, f"sudo kill -9 {was['MainPID']}")
+    now = wait_for("systemd restarts ray-agent", lambda: (
+        u if (u := unit(lab, victim, "ray-agent"))["ActiveState"] == "active"
+        and u["MainPID"] not in ("0", was["MainPID"]) else None), 60)
+    restarted = time.monotonic() - started
+    served = wait_for("/metrics answers again", lambda: (p if (p := probe())["series"] else None), 60)
+    serving = time.monotonic() - started
+    # Prometheus scrapes it again: a fresh up == 1 sample taken after the kill.
+    scraped = wait_for("Prometheus scrapes the restarted agent", lambda: (
+        p if (p := probe())["up"] and p["up"][1] == "1" and float(p["up"][0]) > killed_at else None), 90,
+        interval=1)
+    recovery_log["kill -9 agent"] = {"unit_restarted": restarted, "metrics_served": serving,
+                                     "prometheus_scraped": time.monotonic() - started}
+
+    assert int(now["NRestarts"]) == int(was["NRestarts"]) + 1, now
+    # The same per-GPU series (labels gpu, uuid) continue, in the agent and in Prometheus.
+    assert served["series"] == before["series"] and len(served["series"]) == lab.gpus_per_worker, served
+    assert scraped["prometheus_gpus"] == before["prometheus_gpus"] == lab.gpus_per_worker, scraped
+    assert sh(lab, victim, f"sudo sh -c {shlex.quote(STATE_PROBE)}") == state_before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A worker unreachable over SSH while a playbook runs
+# ----------------------------------------------------------------------------------------------------------
+RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    return {m[1]: {"ok": int(m[2]), "changed": int(m[3]), "unreachable": int(m[4]), "failed": int(m[5])}
+            for m in RECAP.finditer(output)}
+
+
+class SshBlackhole:
+    """Drops this host's SSH packets to one node (nftables, a table of its own): to Ansible the node is gone,
+    while its Ray and agent keep talking to the other nodes. Removed on exit, whatever happened."""
+
+    def __init__(self, lab: labtool.Lab, node: labtool.Node):
+        self.table = f"rayrack_fault_{lab.name}"
+        self.node = node
+
+    def __enter__(self):
+        subprocess.run(["nft", "delete", "table", "inet", self.table], capture_output=True, check=False)
+        script = (f"add table inet {self.table}\n"
+                  f"add chain inet {self.table} out {{ type filter hook output priority 0; policy accept; }}\n"
+                  f"add rule inet {self.table} out ip daddr {self.node.ip} tcp dport 22 drop\n")
+        subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True)
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run(["nft", "delete", "table", "inet", self.table], check=True)
+
+
+def playbook(lab: labtool.Lab, control_dir: str, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    # A fresh SSH control directory: a multiplexed connection kept from an earlier run would hang on the
+    # dropped packets instead of failing to connect.
+    env = dict(os.environ, ANSIBLE_CACHE_PLUGIN_CONNECTION=str(lab.inventory_dir / ".facts"),
+               ANSIBLE_SSH_CONTROL_PATH_DIR=control_dir, ANSIBLE_TIMEOUT="5")
+    started = time.monotonic()
+    result = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(lab.inventory_dir),
+                             "playbooks/facts.yml", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    return result, time.monotonic() - started
+
+
+def test_a_playbook_goes_on_without_an_unreachable_worker_then_converges_it(lab, recovery_log):
+    """facts.yml (the first playbook of site.yml): one of three nodes gone is within the default
+    rayrack_max_fail_percentage (50), so the others are converged and the run names the lost node; under a
+    lower limit the play stops everywhere; once the node is back, a re-run converges it with nothing to change."""
+    lost, others = lab.nodes[-1], lab.nodes[:-1]
+    with tempfile.TemporaryDirectory(prefix="rayrack-cp-") as control:
+        with SshBlackhole(lab, lost):
+            tolerated, tolerated_secs = playbook(lab, control)
+            stopped, _ = playbook(lab, control, "-e", json.dumps({"rayrack_max_fail_percentage": 20}))
+        rerun, rerun_secs = playbook(lab, control)
+    recovery_log["worker unreachable"] = {"run_without_it": tolerated_secs, "rerun_after_restore": rerun_secs}
+
+    converged = recap(rerun.stdout)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert all(converged[n.name]["failed"] == converged[n.name]["unreachable"] == converged[n.name]["changed"] == 0
+               for n in lab.nodes), converged
+
+    went_on = recap(tolerated.stdout)
+    assert tolerated.returncode == 2, tolerated.stdout[-3000:]
+    assert went_on[lost.name]["failed"] + went_on[lost.name]["unreachable"] == 1, went_on
+    assert f"{lost.name} is unreachable" in tolerated.stdout
+    for node in others:
+        # Every task ran on the reachable nodes: as many as in the full run afterwards.
+        assert went_on[node.name] == converged[node.name], (node.name, went_on, converged)
+
+    halted = recap(stopped.stdout)
+    assert stopped.returncode == 2, stopped.stdout[-3000:]
+    assert "NO MORE HOSTS LEFT" in stopped.stdout
+    for node in others:
+        assert halted[node.name]["ok"] < converged[node.name]["ok"], (node.name, halted, converged)
