@@ -12,7 +12,7 @@ WORKERS ?= 2
 # Each lab keeps its own fact cache, removed with it.
 LAB_ANSIBLE := ANSIBLE_CACHE_PLUGIN_CONNECTION=$(CURDIR)/inventories/$(LAB)/.facts $(BIN)/ansible-playbook
 
-.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration bench bench-cluster bench-agent bench-idle clean
+.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration bench bench-cluster bench-agent bench-idle nvml-sim clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -38,19 +38,21 @@ lab-status: venv ## Show the lab's Ray cluster and where to reach it
 lab-down: venv ## Remove what `make lab` created (the node image stays cached)
 	$(BIN)/python tests/lab/lab.py down --name $(LAB)
 
-test: lint unit integration ## Everything CI runs: lint, unit tests, the molecule cluster scenario
+test: lint unit integration ## Everything CI runs: lint, unit tests, the molecule scenarios and lab tests
 
-lint: venv ## yamllint, ansible-lint (production profile), ruff
+lint: venv ## yamllint, ansible-lint (production profile), ruff, dashboards in sync with their generator
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint --offline
 	$(BIN)/ruff check .
+	$(BIN)/python -m monitoring.grafana.generate --check
 
 unit: host-deps ## pytest: everything that needs no lab nodes
 	$(BIN)/pytest -m "not lab"
 
-# Start from no nodes (`--destroy=never` also skips the first destroy); keep them for the lab tests, then
-# remove them whatever happened.
-integration: host-deps ## molecule scenario `cluster` (create, converge, idempotence, check, verify) and lab tests
+# Scenario `gpu` runs whole. For `cluster`, start from no nodes (`--destroy=never` also skips the first
+# destroy); keep them for the lab tests, then remove them whatever happened.
+integration: host-deps nvml-sim ## molecule scenarios `gpu` and `cluster` (converge, idempotence, check, verify), lab tests
+	$(BIN)/molecule test -s gpu
 	$(BIN)/molecule destroy -s cluster >/dev/null; \
 	$(BIN)/molecule test -s cluster --destroy=never; rc=$$?; \
 	if [ $$rc -eq 0 ]; then $(BIN)/pytest -m lab; rc=$$?; fi; \
@@ -61,8 +63,18 @@ bench: bench-cluster bench-agent bench-idle ## All benchmarks
 bench-cluster: host-deps ## site.yml cold and re-run times, tuned vs stock Ansible; cluster-ready vs plain `ray start`
 	$(BIN)/python tests/bench/bench_cluster.py
 
-bench-agent: venv ## ray_agent: CPU per scrape, RSS, CPU share, /metrics latency with a hung GPU
+bench-agent: venv nvml-sim ## ray_agent: CPU per scrape, RSS, /metrics latency; vs nvitop-exporter and Ray on simulated GPUs
 	$(BIN)/python tests/bench/bench_agent.py
+
+NVML_SIM_SRC := ray_agent/gpu/nvml_sim
+NVML_SIM_LIB := build/nvml-sim/libnvidia-ml.so.1
+nvml-sim: $(NVML_SIM_LIB) ## The simulated libnvidia-ml.so.1 (GPUs from a scenario), built with this machine's gcc
+
+$(NVML_SIM_LIB): $(NVML_SIM_SRC)/nvml_sim.c $(NVML_SIM_SRC)/nvml_sim_unsupported.h
+	@mkdir -p $(@D)
+	$(CC) -std=gnu11 -O2 -g -fPIC -fvisibility=hidden -Wall -Wextra -Werror -shared \
+	  -Wl,-soname,libnvidia-ml.so.1 -Wl,--no-undefined -o $@.tmp $< -lm -lpthread
+	mv $@.tmp $@
 
 bench-idle: venv ## Idle guard: detection latency vs window + interval, false positives on gap traces
 	$(BIN)/python tests/bench/bench_idle.py

@@ -44,6 +44,9 @@ MASKED_UNITS = [
     "systemd-remount-fs.service", "getty.target", "console-getty.service", "systemd-logind.service",
     "dev-hugepages.mount", "sys-kernel-debug.mount", "sys-kernel-tracing.mount",
     "systemd-udevd.service", "systemd-udev-trigger.service",
+    # /proc/sys is writable in nodes (for per-namespace network keys); at boot this unit would apply every
+    # sysctl.d file, and global keys (vm.*, kernel.*, net.core.rmem_max) would land on the lab host.
+    "systemd-sysctl.service",
 ]
 # Host keys must differ per node: the image ships none and each node makes its own at first boot.
 SSH_KEYGEN_DROPIN = "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n"
@@ -72,22 +75,37 @@ HOST_PACKAGES = {
     "ssh": "openssh-client", "nft": "nftables", "iptables": "iptables", "catatonit": "catatonit",
     # Not the lab's own need: promtool checks the shipped rules and the agent's exposition in the tests.
     "promtool": "prometheus",
+    # amtool checks the alertmanager role's configuration; the tests run the real Alertmanager with it.
+    "amtool": "prometheus-alertmanager",
 }
+# Checked by package name, installed without Recommends (vagrant-libvirt's pull in libguestfs and an NFS
+# server): the tests only run `vagrant validate` on the Vagrantfile.
+HOST_PACKAGES_NO_RECOMMENDS = ["vagrant", "vagrant-libvirt"]
+
+
+def dpkg_installed(package: str) -> bool:
+    res = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False)
+    return res.stdout.strip() == "install ok installed"
 
 
 def ensure_host_packages() -> None:
     missing = sorted({pkg for tool, pkg in HOST_PACKAGES.items()
                       if shutil.which(tool) is None and not Path(f"/usr/libexec/podman/{tool}").exists()
                       and not Path(f"/usr/lib/podman/{tool}").exists()})
-    if not missing:
+    bare = [pkg for pkg in HOST_PACKAGES_NO_RECOMMENDS if not dpkg_installed(pkg)]
+    if not missing and not bare:
         return
     if os.geteuid() != 0:
-        sys.exit(f"lab: missing host packages {missing}; install them (apt-get install -y {' '.join(missing)})")
-    log(f"installing host packages: {' '.join(missing)}")
+        sys.exit(f"lab: missing host packages {missing + bare}; install them "
+                 f"(apt-get install -y {' '.join(missing + bare)})")
+    log(f"installing host packages: {' '.join(missing + bare)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *missing, "containernetworking-plugins", "uidmap"],
-                   check=True, env=env)
+    if missing:
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing, "containernetworking-plugins", "uidmap"],
+                       check=True, env=env)
+    if bare:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *bare], check=True, env=env)
 
 
 def lacks_cap_sys_resource() -> bool:
@@ -253,6 +271,9 @@ def ensure_node(lab: Lab, node: Node, shared_dir: Path) -> None:
            "--ip", node.ip, "--systemd=always", "--shm-size=1g",
            # Lets systemd build the mount namespaces that hardened units (ProtectSystem=...) need.
            "--cap-add", "SYS_ADMIN", "--label", f"{LABEL}={lab.name}",
+           # nftables and the interface MTU (NET_ADMIN), nfs-ganesha serving any file (DAC_READ_SEARCH), and
+           # per-network-namespace sysctl keys; global keys are never applied in the lab (see write_inventory).
+           "--cap-add", "NET_ADMIN", "--cap-add", "DAC_READ_SEARCH", "--security-opt", "unmask=/proc/sys",
            "--volume", f"{shared_dir}:/srv/rayrack-shared:z", "--stop-timeout", "10",
            IMAGE, "/sbin/init", capture=True)
 
@@ -312,16 +333,20 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
             "children": {
                 "ray_head": {"hosts": {}},
                 "ray_workers": {"hosts": {}},
+                # The head serves the shared tree over NFS (nfs-ganesha: no kernel NFS in containers).
+                "nfs_server": {"hosts": {lab.nodes[0].name: {}}},
             },
         }
     }
     for node in lab.nodes:
         host: dict[str, object] = {"ansible_host": node.ip}
         if node.group == "ray_workers":
-            # Fake GPUs: Ray is told the count, the agent serves the shipped scenario with that many.
+            # Simulated GPUs: Ray is told the count; the node gets the simulated libnvidia-ml.so.1 serving the
+            # shipped scenario, read by the agent's real NVML backend.
             host["ray_node_num_gpus"] = lab.gpus_per_worker
-            host["ray_agent_gpu_backend"] = "fake"
-            host["ray_agent_fake_scenario"] = FAKE_SCENARIOS[lab.gpus_per_worker]
+            host["ray_agent_gpu_backend"] = "nvml"
+            host["nvml_sim_enabled"] = True
+            host["nvml_sim_scenario"] = FAKE_SCENARIOS[lab.gpus_per_worker]
         inventory["all"]["children"][node.group]["hosts"][node.name] = host
     lab.inventory_dir.mkdir(parents=True, exist_ok=True)
     # JSON is valid YAML: no PyYAML needed to run the lab.
@@ -334,6 +359,24 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
         "rayrack_cluster_cidr": str(lab.subnet),
         # Nodes share one host's memory: keep each object store small instead of 30% of the host's RAM.
         "ray_node_object_store_memory": 256 * 1024 * 1024,
+        # The shared tree is this lab's volume on every node; the head exports that same directory.
+        "rayrack_nfs_export": "/srv/rayrack-shared",
+        "nfs_server_backend": "ganesha",
+        # Containers have no kernel NFS client or FS-Cache: the mount unit is written, not started.
+        "nfs_client_mount": False,
+        "data_cache_fscache": False,
+        # /proc/sys is the host's for global keys: write them to the sysctl.d file, apply only per-namespace ones.
+        "network_tuning_apply_global": False,
+        "network_tuning_mtu": 1500,
+        # Only the nodes, so the lab host (the network's gateway) is an outsider the firewall must refuse.
+        "firewall_allowed_sources": [node.ip for node in lab.nodes],
+        # Alerts go to a receiver the lab tests start on the lab host (the network's gateway), quickly.
+        "alertmanager_slack_webhook_url": f"http://{next(lab.subnet.hosts())}:19093/alertmanager",
+        "alertmanager_group_wait": "1s",
+        "alertmanager_group_interval": "10s",
+        "prometheus_scrape_interval": "5s",
+        # No Grafana package can be installed here: only its provisioning files are written.
+        "grafana_install": False,
     }, indent=2) + "\n")
 
 
@@ -405,7 +448,7 @@ Ray dashboard and Jobs API (bound to the head's loopback; token auth on):
   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} \\
     ray job submit --address http://127.0.0.1:8265 -- python -c 'import ray; ray.init(); print(ray.nodes())'
 Prometheus on the head (loopback): the same tunnel with -L 9090:127.0.0.1:9090
-Metrics on every node: ray-agent (GPUs, host) and Ray's own:
+Metrics on every node, reachable from the nodes (the firewall refuses this lab host, an outsider):
 """ + "\n".join(f"  http://{n.ip}:9489/metrics   http://{n.ip}:8090/metrics   ({n.name})" for n in lab.nodes))
     gpus = ssh(lab, head, f"python3 -c {shlex.quote(GPU_QUERY)}", check=False)
     print("\nGPUs as Prometheus sees them (rayrack_gpu_utilization_ratio):\n" + (gpus.stdout or gpus.stderr).rstrip())

@@ -170,7 +170,7 @@ def test_idle_guard_stops_the_idle_job_and_dry_run_stops_nothing():
     receiver = WebhookReceiver(str(next(LAB.subnet.hosts())))
     try:
         guard = {
-            "ray_agent_fake_scenario": "builtin:lab-2gpu-ray",
+            "nvml_sim_scenario": "builtin:lab-2gpu-ray",
             "ray_agent_guard_enabled": True,
             "ray_agent_guard_window": "60s",
             "ray_agent_guard_notify_after": "0s",
