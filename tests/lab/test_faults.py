@@ -45,7 +45,9 @@ def load_lab(name: str) -> labtool.Lab:
                                   .splitlines(True) if not line.startswith("#")))
     gpus = next(iter(workers.values())).get("ray_node_num_gpus", 2)
     lab = labtool.Lab(name, len(workers), ipaddress.IPv4Network(lab_vars["rayrack_cluster_cidr"]), inventory_dir, gpus)
-    written = {host: spec["ansible_host"] for group in groups.values() for host, spec in group.get("hosts", {}).items()}
+    # The Ray groups carry each node's address; other groups (nfs_server) only name nodes again.
+    written = {host: spec["ansible_host"] for group in ("ray_head", "ray_workers")
+               for host, spec in groups[group]["hosts"].items()}
     assert {n.name: n.ip for n in lab.nodes} == written, "the inventory does not match lab.py's layout"
     return lab
 
