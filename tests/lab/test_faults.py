@@ -117,17 +117,24 @@ print(json.dumps(None if rows is None else [[r["node_ip"], r["node_id"], r["stat
 """
 
 
-def alive_nodes(lab: labtool.Lab) -> dict[str, str]:
-    """IP -> node id of every ALIVE Ray node, as the head sees them ({} while the dashboard is down)."""
+def alive_rows(lab: labtool.Lab) -> list[tuple[str, str]]:
+    """(IP, node id) of every ALIVE Ray node, as the head sees them ([] while the dashboard is down)."""
     head = lab.nodes[0]
     out = sh(lab, head, f"sudo python3 - {head.ip}", input_text=NODES_PROBE)
     rows = json.loads(out.strip().splitlines()[-1]) or []
-    return {ip: node_id for ip, node_id, state in rows if state == "ALIVE"}
+    return [(ip, node_id) for ip, node_id, state in rows if state == "ALIVE"]
+
+
+def alive_nodes(lab: labtool.Lab) -> dict[str, str]:
+    """IP -> node id of every ALIVE Ray node."""
+    return dict(alive_rows(lab))
 
 
 def all_alive(lab: labtool.Lab) -> dict[str, str] | None:
-    alive = alive_nodes(lab)
-    return alive if set(alive) == {n.ip for n in lab.nodes} else None
+    """Every node alive exactly once: a killed node's old entry stays ALIVE until the head's health check
+    notices, and a job pinned to it then fails."""
+    rows = alive_rows(lab)
+    return dict(rows) if sorted(ip for ip, _ in rows) == sorted(n.ip for n in lab.nodes) else None
 
 
 # A job through the Jobs API (as the ray user, with the token): a task pinned to every node, holding a GPU where
@@ -274,8 +281,39 @@ STATE_PROBE = f"cd {AGENT_STATE_DIR} && find . -type f -print0 | sort -z | xargs
               f"stat -c %U:%a {AGENT_STATE_DIR}"
 
 
+# Seconds until the next scripted whole-GPU fault of the node's simulated NVML library (0 while one is on), from
+# its compiled scenario: `fault GPU CALL CODE FROM UNTIL EVERY` lines, scenario time counted from the file's
+# mtime (no `epoch` line). None when the node has no simulated library.
+FAULT_CLOCK = r"""
+import os, sys, time
+path = "/etc/rayrack/nvml-sim.conf"
+if not os.path.exists(path):
+    print("none"); sys.exit()
+lines = open(path).read().splitlines()
+epoch = next((float(l.split()[1]) for l in lines if l.startswith("epoch ")), os.stat(path).st_mtime)
+now, soonest = time.time() - epoch, float("inf")
+for l in lines:
+    f = l.split()
+    if f[0] != "fault" or f[2] != "any":
+        continue
+    start, until, every = float(f[4]), float(f[5]), float(f[6])
+    if every > 0:
+        phase = (now - start) % every if now >= start else now - start
+        inside = now >= start and phase < until - start
+        soonest = min(soonest, 0 if inside else (every - phase if now >= start else start - now))
+    elif until < 0 or now < until:
+        soonest = min(soonest, max(0.0, start - now))
+print(soonest)
+"""
+
+
 def test_a_killed_agent_is_restarted_and_its_metrics_continue(lab, recovery_log):
     head, victim = lab.nodes[0], lab.nodes[1]
+    # A GPU the scenario takes away (GPU_IS_LOST on every call) cannot be named by an agent starting meanwhile:
+    # kill the agent only with a minute or more before the next such window.
+    wait_for("a minute clear of scripted GPU losses", lambda: (
+        (out := sh(lab, victim, "sudo python3 -", input_text=FAULT_CLOCK).strip()) == "none" or float(out) > 60),
+        400, interval=5)
 
     def probe() -> dict:
         return json.loads(sh(lab, head, f"python3 - {victim.ip} {victim.name} 9489", input_text=AGENT_PROBE))

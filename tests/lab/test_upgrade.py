@@ -201,11 +201,3 @@ def test_a_node_failing_mid_upgrade_stops_the_rollout_and_the_cluster_keeps_serv
     assert f"GPU TASK RAN ON {WORKER2.name}" in jobs_api("GET", f"/api/jobs/{job_id}/logs").get("logs", "")
     snap = status()
     assert "last run: upgrade failed" in snap and f"failed on {WORKER1.name}" in snap, snap
-
-    # Re-running resumes where it stopped and finishes the rollout.
-    resumed = subprocess.run([*RAYRACK, "upgrade", "--ray-version", goal, *FAST], cwd=REPO,
-                             capture_output=True, text=True, timeout=1200)
-    assert resumed.returncode == 0, resumed.stdout[-5000:]
-    final = status()
-    for node in (HEAD, WORKER1, WORKER2):
-        assert row(final, node)[4:6] == ["ALIVE", goal], final
