@@ -165,8 +165,19 @@ def jobs(base: str, script: str, *args: str) -> str:
     return on_head(JOBS_CLIENT + script, base, *args)
 
 
+def converge_guard_settings() -> subprocess.CompletedProcess:
+    """Apply the guard settings of the inventory: the firewall (a dashboard host off loopback opens the Jobs API
+    to the cluster), Ray and the agents."""
+    env = dict(os.environ, ANSIBLE_CACHE_PLUGIN_CONNECTION=str(LAB.inventory_dir / ".facts"))
+    return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(LAB.inventory_dir),
+                           "playbooks/network.yml", "playbooks/ray.yml", "playbooks/ray_agent.yml"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_idle_guard_stops_the_idle_job_and_dry_run_stops_nothing():
     head, dry, live = LAB.nodes[0], LAB.nodes[1], LAB.nodes[2]
+    host_vars = LAB.inventory_dir / "host_vars"
+    group_vars = LAB.inventory_dir / "group_vars" / "all" / "guard.yml"
     receiver = WebhookReceiver(str(next(LAB.subnet.hosts())))
     try:
         guard = {
@@ -178,16 +189,11 @@ def test_idle_guard_stops_the_idle_job_and_dry_run_stops_nothing():
             "ray_agent_guard_webhook_url": f"http://{receiver.server_address[0]}:{receiver.server_address[1]}/hook",
             "ray_agent_extra_config": {"guard": {"max_gap": "30s"}},
         }
-        host_vars = LAB.inventory_dir / "host_vars"
         host_vars.mkdir(exist_ok=True)
         (host_vars / f"{dry.name}.yml").write_text(json.dumps({**guard, "ray_agent_guard_dry_run": True}))
         (host_vars / f"{live.name}.yml").write_text(json.dumps({**guard, "ray_agent_guard_dry_run": False}))
-        group_vars = LAB.inventory_dir / "group_vars" / "all" / "guard.yml"
         group_vars.write_text(json.dumps({"rayrack_ray_dashboard_host": head.ip}))
-        env = dict(os.environ, ANSIBLE_CACHE_PLUGIN_CONNECTION=str(LAB.inventory_dir / ".facts"))
-        result = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(LAB.inventory_dir),
-                                 "playbooks/ray.yml", "playbooks/ray_agent.yml"], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=600)
+        result = converge_guard_settings()
         assert result.returncode == 0, result.stdout[-4000:]
 
         base = f"http://{head.ip}:8265"
@@ -210,3 +216,8 @@ def test_idle_guard_stops_the_idle_job_and_dry_run_stops_nothing():
         assert any(ids[live.name] in json.dumps(body) for body in receiver.bodies), receiver.bodies
     finally:
         receiver.shutdown()
+        # Leave the lab as converged for the tests after this one (an active guard would stop their jobs).
+        for path in (host_vars / f"{dry.name}.yml", host_vars / f"{live.name}.yml", group_vars):
+            path.unlink(missing_ok=True)
+        restored = converge_guard_settings()
+        assert restored.returncode == 0, restored.stdout[-4000:]

@@ -78,11 +78,11 @@ def test_workers_read_simulated_gpus_through_nvml_and_prometheus_has_them() -> N
     lab = the_lab()
     started = time.monotonic()
     simulated = [
-        node for node in lab.nodes[1:] if labtool.ssh(lab, node, f"test -f {CONFIG}", check=False).returncode == 0
+        node for node in lab.nodes[1:] if labtool.ssh(lab, node, f"sudo test -f {CONFIG}", check=False).returncode == 0
     ]
     assert simulated, f"no worker of the {LAB_NAME} lab has {CONFIG}: set nvml_sim_enabled on its workers"
     for node in simulated:
-        driver, gpus = compiled_gpus(ssh(lab, node, f"cat {CONFIG}"))
+        driver, gpus = compiled_gpus(ssh(lab, node, f"sudo cat {CONFIG}"))
         assert gpus, f"{node.name}: {CONFIG} names no GPUs"
         # ld.so.cache: the simulator comes first, ahead of any driver or Debian library.
         first = next(ln for ln in ssh(lab, node, "/sbin/ldconfig -p").splitlines() if "libnvidia-ml.so.1 " in ln)
