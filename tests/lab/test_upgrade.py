@@ -19,7 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab as labtool
 
-pytestmark = pytest.mark.lab
+# Not in `make test` yet: run with `pytest -m upgrade` against a converged lab.
+pytestmark = [pytest.mark.lab, pytest.mark.upgrade]
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_NAME = os.environ.get("RAYRACK_UPGRADE_LAB", "molecule")
