@@ -278,6 +278,17 @@ static void copy_text(char *out, unsigned int length, const char *text)
     snprintf(out, length, "%s", text);
 }
 
+/* NVML's string getters: a null buffer is an invalid argument, a short one INSUFFICIENT_SIZE (nothing written). */
+static nvmlReturn_t put_text(char *out, unsigned int length, const char *text)
+{
+    if (!out)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (strlen(text) + 1 > length)
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    copy_text(out, length, text);
+    return NVML_SUCCESS;
+}
+
 /* --- loading the compiled scenario -------------------------------------------------------------- */
 
 static void free_scenario(struct scenario *s)
@@ -863,25 +874,15 @@ API nvmlReturn_t nvmlShutdown(void)
 API nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length)
 {
     SYSTEM_CALL();
-    if (!version)
-        return NVML_ERROR_INVALID_ARGUMENT;
-    if (strlen(s->driver_version) + 1 > length)
-        return NVML_ERROR_INSUFFICIENT_SIZE;
-    copy_text(version, length, s->driver_version);
-    return NVML_SUCCESS;
+    return put_text(version, length, s->driver_version);
 }
 
 API nvmlReturn_t nvmlSystemGetNVMLVersion(char *version, unsigned int length)
 {
     SYSTEM_CALL();
-    if (!version)
-        return NVML_ERROR_INVALID_ARGUMENT;
     char text[96];
     snprintf(text, sizeof(text), NVML_VERSION_PREFIX "%s", s->driver_version);
-    if (strlen(text) + 1 > length)
-        return NVML_ERROR_INSUFFICIENT_SIZE;
-    copy_text(version, length, text);
-    return NVML_SUCCESS;
+    return put_text(version, length, text);
 }
 
 API nvmlReturn_t nvmlSystemGetCudaDriverVersion(int *version)
@@ -993,23 +994,13 @@ API nvmlReturn_t nvmlDeviceGetMinorNumber(void *device, unsigned int *minor)
 API nvmlReturn_t nvmlDeviceGetName(void *device, char *name, unsigned int length)
 {
     DEVICE_CALL(CALL_DEVICE, device, g);
-    if (!name)
-        return NVML_ERROR_INVALID_ARGUMENT;
-    if (strlen(g->model) + 1 > length)
-        return NVML_ERROR_INSUFFICIENT_SIZE;
-    copy_text(name, length, g->model);
-    return NVML_SUCCESS;
+    return put_text(name, length, g->model);
 }
 
 API nvmlReturn_t nvmlDeviceGetUUID(void *device, char *uuid, unsigned int length)
 {
     DEVICE_CALL(CALL_DEVICE, device, g);
-    if (!uuid)
-        return NVML_ERROR_INVALID_ARGUMENT;
-    if (strlen(g->uuid) + 1 > length)
-        return NVML_ERROR_INSUFFICIENT_SIZE;
-    copy_text(uuid, length, g->uuid);
-    return NVML_SUCCESS;
+    return put_text(uuid, length, g->uuid);
 }
 
 typedef struct {
