@@ -241,7 +241,13 @@ def rayrack_alive_node_ips(nodes_response: Mapping[str, Any]) -> list[str]:
     return sorted({row["node_ip"] for row in rows if row.get("state") == "ALIVE" and row.get("node_ip")})
 
 
+def rayrack_is_loopback(host: str) -> bool:
+    """Whether a listen address keeps a service on its own host (the dashboard's default)."""
+    return str(host) in LOOPBACK
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {"rayrack_inventory_errors": rayrack_inventory_errors, "rayrack_node_addresses": rayrack_node_addresses,
+                "rayrack_is_loopback": rayrack_is_loopback,
                 "rayrack_alive_node_ips": rayrack_alive_node_ips, "rayrack_gpu_workers": rayrack_gpu_workers}
