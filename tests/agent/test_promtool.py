@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import required
 import yaml
 
 from agent.support import SCENARIOS, wait_for_metrics
@@ -16,12 +15,7 @@ pytestmark = pytest.mark.promtool
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is required in CI (apt-get install prometheus)")
-        pytest.skip("promtool not installed")
-    return path
+    return required.binary("promtool", "`make host-deps` installs Debian's prometheus package")
 
 
 def lint(binary: str, body: str) -> subprocess.CompletedProcess:

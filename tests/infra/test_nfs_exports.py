@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import required
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))
 import lab as labtool
@@ -58,9 +59,7 @@ def render(tmp_path: Path, name: str, **overrides: object) -> Path:
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory) -> Path:
     if labtool.image_digest() is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{labtool.IMAGE} is missing: `make unit` builds it through host-deps and the lab")
-        pytest.skip(f"{labtool.IMAGE} is not built (tests/lab/lab.py image)")
+        required.missing(f"{labtool.IMAGE} is not built (`make unit` builds it, or tests/lab/lab.py image)")
     work = tmp_path_factory.mktemp("exports")
     render(work, "default")
     render(work, "clients", nfs_server_clients=["10.213.1.10", "10.213.1.11", "192.168.40.0/22"])

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import required
 import yaml
 
 pytestmark = pytest.mark.promtool
@@ -19,12 +19,7 @@ TESTS = sorted((REPO / "monitoring" / "prometheus" / "tests").glob("*.test.yml")
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is required in CI (apt-get install prometheus)")
-        pytest.skip("promtool not installed")
-    return path
+    return required.binary("promtool", "`make host-deps` installs Debian's prometheus package")
 
 
 def rules() -> list[dict]:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import required
 
 REPO = Path(__file__).resolve().parents[2]
 DUMP = Path(__file__).with_name("dump_config.rb")
@@ -20,12 +21,7 @@ SETTINGS = ("BOX", "PROVIDER", "WORKERS", "HEAD_CPUS", "HEAD_MEMORY", "WORKER_CP
 
 
 def vagrant() -> str:
-    path = shutil.which("vagrant")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("vagrant is required in CI (`make host-deps` installs vagrant and vagrant-libvirt)")
-        pytest.skip("vagrant not installed (`make host-deps` installs it)")
-    return path
+    return required.binary("vagrant", "`make host-deps` installs vagrant and vagrant-libvirt")
 
 
 @pytest.fixture
