@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab as labtool
 
-# Not in `make test` yet: run with `pytest -m upgrade` against a converged lab.
+# `make integration` runs these after the other lab tests: they leave the lab on another Ray version.
 pytestmark = [pytest.mark.lab, pytest.mark.upgrade]
 
 REPO = Path(__file__).resolve().parents[2]
