@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("add-node", parents=[runs], help="bring nodes newly in the inventory into the cluster")
     remove = sub.add_parser("remove-node", parents=[runs], help="drain a worker, then stop and disable its units")
     remove.add_argument("node")
+    remove.add_argument("--timeout", type=int, help="seconds the drain waits for running tasks (default: 300)")
     teardown = sub.add_parser("teardown", parents=[runs], help="remove Ray and the agent from every node")
     teardown.add_argument("--confirm", required=True, metavar="CLUSTER_NAME",
                           help="the cluster's name (rayrack_cluster_name), to show you mean it")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rayrack: {args.node} is not a worker of this inventory (workers: {workers})", file=sys.stderr)
             return 1
         limit = args.node
-        if getattr(args, "timeout", None) is not None:
+        if args.timeout is not None:
             extravars["ray_drain_timeout"] = args.timeout
     elif args.command == "teardown":
         extravars["teardown_confirm"] = args.confirm
