@@ -50,13 +50,13 @@ unit: host-deps ## pytest: everything that needs no lab nodes
 	$(BIN)/pytest -m "not lab"
 
 # Scenario `gpu` runs whole. For `cluster`, start from no nodes (`--destroy=never` also skips the first
-# destroy); keep them for the lab tests, then remove them whatever happened. The upgrade tests change the
-# lab's Ray version, so they run last.
+# destroy); keep them for the lab tests, then remove them whatever happened. The day-2 tests change the lab
+# for good (membership, Ray version, teardown), so they run last.
 integration: host-deps nvml-sim ## molecule scenarios `gpu` and `cluster` (converge, idempotence, check, verify), lab tests
 	$(BIN)/molecule test -s gpu
 	$(BIN)/molecule destroy -s cluster >/dev/null; \
 	$(BIN)/molecule test -s cluster --destroy=never; rc=$$?; \
-	if [ $$rc -eq 0 ]; then $(BIN)/pytest -m "lab and not upgrade" && $(BIN)/pytest -m upgrade; rc=$$?; fi; \
+	if [ $$rc -eq 0 ]; then $(BIN)/pytest -m "lab and not day2" && $(BIN)/pytest -m day2; rc=$$?; fi; \
 	$(BIN)/molecule destroy -s cluster >/dev/null; exit $$rc
 
 bench: bench-cluster bench-agent bench-idle ## All benchmarks

@@ -1,5 +1,6 @@
-"""Day-2 on a converged lab: a rolling Ray upgrade node by node while a long job runs, and a node failing
-mid-upgrade. Changes the lab's Ray version (and back): run it after the other lab tests.
+"""Day-2 on a converged lab, in file order: a worker removed and added back, a rolling Ray upgrade node by node
+while a long job runs, a node failing mid-upgrade, and last the teardown. They change the lab for good, so
+`make integration` runs them after the other lab tests.
 
 By default it uses the molecule lab (`make integration`); RAYRACK_UPGRADE_LAB / _SUBNET name another lab,
 RAYRACK_UPGRADE_TO the Ray version to move to (default: 2.59.0 from 2.60.0, else required).
@@ -19,8 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab as labtool
 
-# `make integration` runs these after the other lab tests: they leave the lab on another Ray version.
-pytestmark = [pytest.mark.lab, pytest.mark.upgrade]
+pytestmark = [pytest.mark.lab, pytest.mark.day2]
 
 REPO = Path(__file__).resolve().parents[2]
 LAB_NAME = os.environ.get("RAYRACK_UPGRADE_LAB", "molecule")
@@ -110,14 +110,60 @@ def status():
     return result.stdout
 
 
+def rayrack(*args, timeout=1200):
+    started = time.monotonic()
+    result = subprocess.run([*RAYRACK, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return result, time.monotonic() - started
+
+
+def units(node, *names):
+    """`enabled/active` of each unit (`systemctl` prints one line per unit and query, even for unknown units)."""
+    out = labtool.ssh(LAB, node, "systemctl is-enabled {0}; systemctl is-active {0}".format(" ".join(names)),
+                      check=False).stdout.split()
+    return {name: f"{out[i]}/{out[i + len(names)]}" for i, name in enumerate(names)}
+
+
 def row(text, node):
     return next(line.split() for line in text.splitlines() if line.startswith(node.name + " "))
 
 
+def test_a_removed_worker_stays_out_until_add_node_brings_it_back(lab_up):
+    result, took = rayrack("remove-node", WORKER2.name, "--timeout", "10")
+    assert result.returncode == 0, result.stdout[-5000:]
+    print(f"remove-node {WORKER2.name}: {took:.0f}s")
+    # Stopped and disabled (it stays out across a reboot), nothing uninstalled.
+    assert units(WORKER2, "ray-worker", "ray-agent") == {"ray-worker": "disabled/inactive",
+                                                        "ray-agent": "disabled/inactive"}
+    on(WORKER2, "test -x /opt/rayrack/venv/bin/ray")
+    snap = status()
+    assert row(snap, WORKER2)[4] != "ALIVE" and row(snap, WORKER1)[4] == "ALIVE", snap
+    # The rest of the cluster serves: a GPU job runs, on worker1, the only GPU node left.
+    job_id = f"after-remove-{int(time.time())}"
+    submit(f"python -c {shlex.quote(GPU_PROBE)}", job_id)
+    assert wait_job(job_id, {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED"
+    assert f"GPU TASK RAN ON {WORKER1.name}" in jobs_api("GET", f"/api/jobs/{job_id}/logs").get("logs", "")
+
+    result, took = rayrack("add-node")
+    assert result.returncode == 0, result.stdout[-5000:]
+    print(f"add-node {WORKER2.name}: {took:.0f}s")
+    assert units(WORKER2, "ray-worker", "ray-agent") == {"ray-worker": "enabled/active",
+                                                        "ray-agent": "enabled/active"}
+    deadline = time.monotonic() + 120
+    while row(snap := status(), WORKER2)[4] != "ALIVE" and time.monotonic() < deadline:
+        time.sleep(5)
+    # Back in Ray, its agent reporting both GPUs (busy/idle/free/down adds up to 2).
+    assert row(snap, WORKER2)[4] == "ALIVE", snap
+    assert sum(int(n) for n in row(snap, WORKER2)[6].split("/")) == 2, snap
+
+
 @pytest.fixture(scope="module")
-def versions():
+def lab_up():
     if not LAB.known_hosts.exists():
         pytest.fail(f"the {LAB_NAME} lab is not up: run `make integration` (it converges the lab, then runs these)")
+
+
+@pytest.fixture(scope="module")
+def versions(lab_up):
     original = installed_version(HEAD)
     target = os.environ.get("RAYRACK_UPGRADE_TO") or NEIGHBOUR.get(original)
     if not target:
@@ -202,3 +248,21 @@ def test_a_node_failing_mid_upgrade_stops_the_rollout_and_the_cluster_keeps_serv
     assert f"GPU TASK RAN ON {WORKER2.name}" in jobs_api("GET", f"/api/jobs/{job_id}/logs").get("logs", "")
     snap = status()
     assert "last run: upgrade failed" in snap and f"failed on {WORKER1.name}" in snap, snap
+
+
+def test_teardown_needs_the_cluster_name_then_removes_ray_from_every_node(lab_up):
+    wrong, _ = rayrack("teardown", "--confirm", "not-this-cluster")
+    assert wrong.returncode != 0 and "confirm with -e teardown_confirm=" in wrong.stdout, wrong.stdout[-3000:]
+    assert units(HEAD, "ray-head") == {"ray-head": "enabled/active"}
+
+    shared = on(HEAD, "sudo ls /srv/rayrack-shared")
+    result, took = rayrack("teardown", "--confirm", LAB.name)  # the lab names its cluster after itself
+    assert result.returncode == 0, result.stdout[-5000:]
+    print(f"teardown: {took:.0f}s")
+    for node, unit in ((HEAD, "ray-head"), (WORKER1, "ray-worker"), (WORKER2, "ray-worker")):
+        gone = labtool.ssh(LAB, node, f"systemctl cat {unit} ray-agent; ls -d /opt/rayrack /etc/rayrack", check=False)
+        assert "No files found" in gone.stderr and "cannot access '/opt/rayrack'" in gone.stderr, gone
+        assert "cannot access '/etc/rayrack'" in gone.stderr, gone
+    # Researchers' files and the monitoring stay.
+    assert on(HEAD, "sudo ls /srv/rayrack-shared") == shared
+    assert units(HEAD, "prometheus") == {"prometheus": "enabled/active"}
