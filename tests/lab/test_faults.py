@@ -85,6 +85,20 @@ def unit(lab: labtool.Lab, node: labtool.Node, name: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+def kill_main_process(lab: labtool.Lab, node: labtool.Node, name: str) -> tuple[float, float]:
+    """kill -9 a unit's main process and wait until systemd runs it again (a new PID, one more restart).
+    Returns when the kill started (time.monotonic()) and how long the restart took."""
+    was = unit(lab, node, name)
+    assert was["ActiveState"] == "active", was
+    started = time.monotonic()
+    sh(lab, node, f"sudo kill -9 {was['MainPID']}")
+    now = wait_for(f"systemd restarts {name}", lambda: (
+        u if (u := unit(lab, node, name))["ActiveState"] == "active"
+        and u["MainPID"] not in ("0", was["MainPID"]) else None), 60)
+    assert int(now["NRestarts"]) == int(was["NRestarts"]) + 1, now
+    return started, time.monotonic() - started
+
+
 def wait_for(what: str, probe, timeout: float, interval: float = 0.5):
     """Poll probe() until it returns something truthy; fail naming `what` and the last value."""
     deadline = time.monotonic() + timeout
@@ -202,21 +216,12 @@ def job_runs_everywhere(lab: labtool.Lab) -> None:
 def test_a_killed_ray_worker_is_restarted_and_rejoins(lab, recovery_log):
     head, victim, bystanders = lab.nodes[0], lab.nodes[1], lab.nodes[2:]
     before = wait_for("every node alive before the fault", lambda: all_alive(lab), 120)
-    was = unit(lab, victim, "ray-worker")
-    assert was["ActiveState"] == "active", was
-
-    started = time.monotonic()
-    sh(lab, victim, f"sudo kill -9 {was['MainPID']}")
-    now = wait_for("systemd restarts ray-worker", lambda: (
-        u if (u := unit(lab, victim, "ray-worker"))["ActiveState"] == "active"
-        and u["MainPID"] not in ("0", was["MainPID"]) else None), 60)
-    restarted = time.monotonic() - started
+    started, restarted = kill_main_process(lab, victim, "ray-worker")
     after = wait_for("the worker rejoins as a new Ray node", lambda: (
         a if (a := all_alive(lab)) and a[victim.ip] != before[victim.ip] else None), 300, interval=1)
     rejoined = time.monotonic() - started
     recovery_log["kill -9 ray worker"] = {"unit_restarted": restarted, "rejoined": rejoined}
 
-    assert int(now["NRestarts"]) == int(was["NRestarts"]) + 1, now
     # Only the victim changed: the head and the other workers kept their Ray node.
     assert {ip: after[ip] for ip in (head.ip, *(n.ip for n in bystanders))} == \
         {ip: before[ip] for ip in (head.ip, *(n.ip for n in bystanders))}
@@ -321,15 +326,9 @@ def test_a_killed_agent_is_restarted_and_its_metrics_continue(lab, recovery_log)
     before = wait_for("the agent's series in Prometheus", lambda: (
         p if (p := probe())["series"] and p["up"] and p["up"][1] == "1" else None), 60)
     state_before = sh(lab, victim, f"sudo sh -c {shlex.quote(STATE_PROBE)}")
-    was = unit(lab, victim, "ray-agent")
 
-    started = time.monotonic()
     killed_at = time.time()
-    sh(lab, victim, f"sudo kill -9 {was['MainPID']}")
-    now = wait_for("systemd restarts ray-agent", lambda: (
-        u if (u := unit(lab, victim, "ray-agent"))["ActiveState"] == "active"
-        and u["MainPID"] not in ("0", was["MainPID"]) else None), 60)
-    restarted = time.monotonic() - started
+    started, restarted = kill_main_process(lab, victim, "ray-agent")
     served = wait_for("/metrics answers again", lambda: (p if (p := probe())["series"] else None), 60)
     serving = time.monotonic() - started
     # Prometheus scrapes it again: a fresh up == 1 sample taken after the kill.
@@ -339,7 +338,6 @@ def test_a_killed_agent_is_restarted_and_its_metrics_continue(lab, recovery_log)
     recovery_log["kill -9 agent"] = {"unit_restarted": restarted, "metrics_served": serving,
                                      "prometheus_scraped": time.monotonic() - started}
 
-    assert int(now["NRestarts"]) == int(was["NRestarts"]) + 1, now
     # The same per-GPU series (labels gpu, uuid) continue, in the agent and in Prometheus.
     assert served["series"] == before["series"] and len(served["series"]) == lab.gpus_per_worker, served
     assert scraped["prometheus_gpus"] == before["prometheus_gpus"] == lab.gpus_per_worker, scraped
