@@ -3,8 +3,10 @@ processes taken from real CUDA_VISIBLE_DEVICES environments."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -191,6 +193,10 @@ def assigned() -> Iterator[list[subprocess.Popen]]:
         process.wait()
         if process.stdout is not None:
             process.stdout.close()
+        # A killed parent's child lives on with its CUDA_VISIBLE_DEVICES and would hold a GPU in later tests.
+        if process.first_line.isdigit():  # type: ignore[attr-defined]
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(process.first_line), signal.SIGKILL)  # type: ignore[attr-defined]
 
 
 def test_fake_gpus_are_held_by_the_real_processes_they_were_assigned_to(assigned) -> None:  # type: ignore[no-untyped-def]

@@ -4,6 +4,8 @@ nvidia-ml-py's exception classes."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -285,7 +287,7 @@ def test_processes_from_cuda_visible_devices(nvml_sim_library: Path, tmp_path: P
     write_config(config, scenario)
     env = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "1"}
     # The shell was given GPU 1; the sleep it starts inherits the same value and is not a holder of its own.
-    holder = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], env=env)
+    holder = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], env=env, start_new_session=True)
     try:
         time.sleep(0.3)
         result = run_client(
@@ -306,7 +308,7 @@ def test_processes_from_cuda_visible_devices(nvml_sim_library: Path, tmp_path: P
         uuid = fake.scenario.gpus[1].uuid
         assert processes_assigned(Path("/proc"), 1, uuid) == (holder.pid,)
     finally:
-        holder.kill()
+        os.killpg(holder.pid, signal.SIGKILL)  # the sleep too: it would hold GPU 1 in later tests
         holder.wait()
     assert result[0] == [0]
     assert result[1] == [[holder.pid, 5 * 2**30], 5 * 2**30]
