@@ -5,10 +5,12 @@ Regenerate the golden files with RAYRACK_UPDATE_GOLDEN=1 after an intended chang
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
+import required
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
@@ -17,7 +19,8 @@ from agent.support import SCENARIOS, fake_sampler, http_get, metric_lines, sampl
 from ray_agent.cli import build_agent
 from ray_agent.clock import FakeClock
 from ray_agent.config import ExporterConfig, load_config
-from ray_agent.exporter import SnapshotCollector
+from ray_agent.exporter import DCGM_NOT_FROM_NVML, SnapshotCollector
+from ray_agent.gpu.base import GpuSample
 from ray_agent.server import MetricsServer
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -91,12 +94,40 @@ def test_golden_content_follows_the_rules() -> None:
         'device="nvidia0"',
         'modelName="NVIDIA A100-SXM4-80GB"',
         'Hostname="node-a"',
+        'hostname="node-a"',
         'DCGM_FI_DRIVER_VERSION="550.54.15"',
     ):
         assert label in line
     assert line.endswith(" 75.0")
     assert sample_value(dcgm, "DCGM_FI_DEV_FB_USED", gpu="0") == 21 * 1024
+    # dcgm's meaning: a gauge holding the last XID code (0 when there was none), not a count.
+    assert "# TYPE DCGM_FI_DEV_XID_ERRORS gauge" in dcgm
     assert sample_value(dcgm, "DCGM_FI_DEV_XID_ERRORS", gpu="0") == 79
+    assert sample_value(dcgm, "DCGM_FI_DEV_XID_ERRORS", gpu="1") == 0
+
+
+def test_golden_health_fields() -> None:
+    """Health fields in base units natively, in dcgm's units with compat; unsupported ones absent."""
+    body = (GOLDEN / "native.prom").read_text()
+    assert sample_value(body, "rayrack_gpu_fan_speed_ratio", gpu="0") == 0.42
+    assert sample_value(body, "rayrack_gpu_fan_speed_ratio", gpu="1") is None
+    assert sample_value(body, "rayrack_gpu_memory_temperature_celsius", gpu="0") == 61
+    # 12 s of scenario time at 250.5 W; replays at 0.5/s.
+    assert sample_value(body, "rayrack_gpu_energy_joules_total", gpu="0") == 250.5 * 12
+    assert sample_value(body, "rayrack_gpu_pcie_replay_errors_total", gpu="0") == 6
+    assert sample_value(body, "rayrack_gpu_memory_reserved_bytes", gpu="0") == 527 * 2**20
+    assert sample_value(body, "rayrack_gpu_remapped_rows_total", gpu="0", kind="uncorrectable") == 1
+    assert sample_value(body, "rayrack_gpu_row_remap_pending", gpu="0") == 1
+    assert sample_value(body, "rayrack_gpu_row_remap_pending", gpu="1") is None
+    assert sample_value(body, "rayrack_gpu_clock_event_active", gpu="0", reason="sw_power_cap") == 1
+    assert sample_value(body, "rayrack_gpu_clock_event_active", gpu="0", reason="hw_slowdown") == 0
+    dcgm = (GOLDEN / "dcgm_compat.prom").read_text()
+    assert sample_value(dcgm, "DCGM_FI_DEV_FAN_SPEED", gpu="0") == 42
+    assert sample_value(dcgm, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", gpu="0") == 250.5 * 12 * 1000
+    assert sample_value(dcgm, "DCGM_FI_DEV_FB_RESERVED", gpu="0") == 527
+    assert sample_value(dcgm, "DCGM_FI_DEV_ENC_UTIL", gpu="0") == 10
+    assert sample_value(dcgm, "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", gpu="0") == 0x4 | 0x20
+    assert sample_value(dcgm, "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", gpu="0") == 1
 
 
 def render(sampler, clock, stale_after: float = 10.0, **config: object) -> str:
@@ -156,3 +187,45 @@ def test_recovered_gpu_series_return() -> None:
     assert sample_value(up, "rayrack_gpu_up", gpu="0") == 1
     assert sample_value(up, "rayrack_gpu_temperature_celsius", gpu="0") == 40
     assert sample_value(up, "rayrack_gpu_read_errors_total", gpu="0", error="GPU_IS_LOST") == 1
+
+
+# dcgm-exporter's default counter list, read where the kit's shared fixtures live (next to the checkout).
+DCGM_DEFAULT_COUNTERS = (
+    Path(__file__).resolve().parents[3] / "shared/fixtures/gpu-ecosystem/counters/dcgm-exporter-default-counters.csv"
+)
+
+
+def dcgm_default_counters() -> list[tuple[str, str]]:
+    """(field, type) of every active line of dcgm-exporter's default-counters.csv."""
+    if not DCGM_DEFAULT_COUNTERS.is_file():
+        required.missing(f"{DCGM_DEFAULT_COUNTERS} is missing (the shared GPU-ecosystem fixtures)")
+    fields = []
+    for line in DCGM_DEFAULT_COUNTERS.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, kind, _ = (part.strip() for part in line.split(",", 2))  # the file has "DCGM_FI_DEV_DEC_UTIL ,"
+        fields.append((name, kind))
+    return fields
+
+
+def test_every_dcgm_default_counter_is_exported() -> None:
+    """With dcgm_compat, GPU 0 of the golden scenario (every field set) has each default dcgm-exporter field,
+    except those NVML cannot supply with dcgm's meaning (listed, with reasons, in the exporter)."""
+    fields = dcgm_default_counters()
+    assert len(fields) > 20 and ("DCGM_FI_DEV_DEC_UTIL", "gauge") in fields
+    body = served_metrics(dcgm_compat=True)
+    # The profiling fields come from GPM samples (`GpuSample.gpm`); checked once samples carry them.
+    gpm = "gpm" in {f.name for f in dataclasses.fields(GpuSample)}
+    missing = []
+    for name, kind in fields:
+        if name in DCGM_NOT_FROM_NVML or (name.startswith("DCGM_FI_PROF_") and not gpm):
+            continue
+        if kind == "label":
+            present = f'{name}="' in metric_lines(body, "DCGM_FI_DEV_GPU_UTIL")[0]
+        else:
+            present = sample_value(body, name, gpu="0") is not None
+        if not present:
+            missing.append(name)
+    assert not missing, f"not exported: {missing}"
+    assert set(DCGM_NOT_FROM_NVML) <= {name for name, _ in fields}
+    assert not [name for name in DCGM_NOT_FROM_NVML if metric_lines(body, name)]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import required
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -266,3 +267,39 @@ def test_an_xid_from_a_fake_gpu_is_delivered_to_the_webhook(probe):
     text = xid_alerts()[0]
     assert "FIRING" in text and "the latest code is 79" in text, text
     print(f"XID alert delivered {time.monotonic() - began:.0f} s after the probe started (XID at 25 s)")
+
+
+# Third-party dashboards written against dcgm-exporter (the shared GPU-ecosystem fixtures, never copied here).
+ECOSYSTEM_DASHBOARDS = REPO.parent / "shared" / "fixtures" / "gpu-ecosystem" / "dashboards"
+DCGM_BOARDS = ("dcgm-exporter-dashboard.json", "canonical-hardware-observer-GPU.json")
+
+
+def test_dcgm_dashboards_have_data_for_every_nvidia_panel(the_lab):
+    """NVIDIA's dcgm-exporter dashboard and Canonical's GPU dashboard: every query on DCGM names answers, in
+    whichever dcgm_compat mode the lab runs (exported names, or the recording rules). Variables match every
+    value: Canonical's instance variable comes from node_exporter's hwmon series, not from the GPUs."""
+    if not ECOSYSTEM_DASHBOARDS.is_dir():
+        required.missing(f"{ECOSYSTEM_DASHBOARDS} is missing (the shared GPU-ecosystem fixtures)")
+    queries = []
+    for name in DCGM_BOARDS:
+        board = json.loads((ECOSYSTEM_DASHBOARDS / name).read_text())
+        values = {v["name"]: ".+" for v in board["templating"]["list"]}
+        for panel in board["panels"]:
+            for target in panel.get("targets", []):
+                expr = target.get("expr", "")
+                # DCGM_FI_PROF_* come from GPM samples; they join this check once the agent reads GPM.
+                if "DCGM_FI_DEV_" in expr:
+                    queries.append((f"{board['title']} / {panel['title']}", substitute(expr, values)))
+    assert len(queries) >= 14
+    deadline = time.monotonic() + 120
+    while True:
+        answers = prometheus(the_lab, [("/api/v1/query", {"query": expr}) for _, expr in queries])
+        problems = [
+            f"{where}: {answer.get('error') or 'no data'}: {expr}"
+            for (where, expr), answer in zip(queries, answers, strict=True)
+            if answer.get("status") != "success" or not answer["data"]["result"]
+        ]
+        if not problems or time.monotonic() > deadline:
+            break
+        time.sleep(10)
+    assert not problems, f"{len(problems)} of {len(queries)} queries failed:\n" + "\n".join(problems)
