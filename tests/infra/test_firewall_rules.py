@@ -51,8 +51,8 @@ def render(tmp_path: Path, **settings: object) -> str:
            "ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins:{ROLES}/firewall/filter_plugins",
            "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_LOCALHOST_WARNING": "0"}
     result = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(tmp_path / "hosts.json"), str(tmp_path / "play.yml"),
-         "-e", json.dumps({"dest": str(dest), **settings})],
+        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(tmp_path / "hosts.json"),
+         str(tmp_path / "play.yml"), "-e", json.dumps({"dest": str(dest), **settings})],
         cwd=REPO, capture_output=True, text=True, check=False, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return dest.read_text()
