@@ -407,7 +407,7 @@ def compare(observed: dict[str, Any], profile: dict[str, Any]) -> list[dict[str,
         widths = [w for w in (_int(gpu.get("pcie.link.width.max")), _int(gpu.get("pcie.link.width.current")))
                   if w is not None]
         if "width" in pcie and (min(widths) if widths else 0) < pcie["width"]:
-            diffs.add("PCIe width", gid, f">= x{pcie['width']}", "x" + "/".join(map(str, widths)) if widths
+            diffs.add("PCIe width", gid, f">= x{pcie['width']}", "/".join(f"x{w}" for w in widths) if widths
                       else None)
         if "gen" in pcie and (_int(gpu.get("pcie.link.gen.max")) or 0) < pcie["gen"]:
             diffs.add("PCIe gen", gid, f">= {pcie['gen']}", gpu.get("pcie.link.gen.max"))
