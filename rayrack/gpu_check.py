@@ -138,8 +138,10 @@ def _cells_after(line: str, start: int) -> list[str]:
 def parse_topo(text: str, source: str = "topo -m") -> dict[str, Any]:
     """`nvidia-smi topo -m` -> {"gpus", "links", "cpu", "numa"} (see the module docstring).
 
-    Recent drivers separate columns with tabs and underline the header with ANSI escapes; older ones align
-    with spaces. The device columns (GPUn, NICn, mlx5_n) lead the header, the affinity columns follow.
+    nvidia-smi separates columns with tabs (recent drivers underline the header with ANSI escapes); pasted
+    copies have the tabs expanded to spaces. The device columns (GPUn, NICn, or mlx5_n on old drivers) lead
+    the header, with or without leading whitespace; the affinity columns follow (_cells_after). The legend,
+    whole or cut, is not needed.
     """
     lines = [ANSI.sub("", line).rstrip("\n") for line in text.splitlines()]
     header_at = next((n for n, line in enumerate(lines) if re.match(r"^\s*GPU0(\s|$)", line)
@@ -538,13 +540,13 @@ def select_profile(name: str, profiles: dict[str, dict[str, Any]], gpus: list[di
 
 
 def check(observed: dict[str, Any], profile_name: str, profiles: dict[str, dict[str, Any]],
-          errors: list[str] = ()) -> dict[str, Any]:
+          errors: list[str] | None = None) -> dict[str, Any]:
     """The report: self-consistency findings, plus a profile's differences when one is named or matches.
 
     errors: what stopped a source from being read (a tool that failed); each is an error finding.
     """
     findings = _Findings()
-    for error in errors:
+    for error in errors or []:
         findings.add("input", "-", "readable nvidia-smi output", error)
     gpus = observed.get("gpus") or []
     try:
@@ -655,11 +657,13 @@ def observe(nvidia_smi: str, dcgmi: str, timeout: int) -> tuple[dict[str, Any], 
     """Run the tools on this node; return the observation and the errors that kept a source out."""
     errors: list[str] = []
     observed = empty_observation()
-    commands = [("query", [nvidia_smi, "--query-gpu=" + ",".join(QUERY_FIELDS), "--format=csv"]),
-                ("topo", [nvidia_smi, "topo", "-m"]), ("nvlink", [nvidia_smi, "nvlink", "--status"])]
+    commands = [("query", "nvidia-smi --query-gpu", [nvidia_smi, "--query-gpu=" + ",".join(QUERY_FIELDS),
+                                                      "--format=csv"]),
+                ("topo", "nvidia-smi topo -m", [nvidia_smi, "topo", "-m"]),
+                ("nvlink", "nvidia-smi nvlink --status", [nvidia_smi, "nvlink", "--status"])]
     if dcgmi and shutil.which(dcgmi):
-        commands.append(("dcgm", [dcgmi, "diag", "-r", "1"]))
-    for kind, argv in commands:
+        commands.append(("dcgm", "dcgmi diag -r 1", [dcgmi, "diag", "-r", "1"]))
+    for kind, command, argv in commands:
         rc, out, err = _run(argv, timeout)
         fields = list(QUERY_FIELDS)
         while kind == "query" and rc != 0:
@@ -670,7 +674,6 @@ def observe(nvidia_smi: str, dcgmi: str, timeout: int) -> tuple[dict[str, Any], 
             fields.remove(unknown.group(1))
             argv = [nvidia_smi, "--query-gpu=" + ",".join(fields), "--format=csv"]
             rc, out, err = _run(argv, timeout)
-        command = " ".join([Path(argv[0]).name, *argv[1:]])[:60]
         if rc != 0 and not (kind == "dcgm" and out.strip()):
             errors.append(f"{command} failed (rc={rc}): {(err or out).strip()}")
             if kind == "query":

@@ -506,4 +506,5 @@ def test_cluster_report_is_written_when_a_host_has_no_report(tmp_path):
     cluster = json.loads((tmp_path / "cluster.json").read_text())
     assert cluster["ok"] is False
     assert cluster["hosts"]["good"]["ok"] is True
+    assert cluster["hosts"]["good"]["profile"] == "workstation-1"  # the role read files/gpu_profiles.json
     assert cluster["hosts"]["broken"]["findings"][0]["observed"] == "no report"
