@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -20,4 +21,12 @@ def binary(name: str, install: str) -> str:
     path = shutil.which(name)
     if path is None:
         missing(f"{name} is not installed ({install})")
+    return path
+
+
+def shared_fixtures(*parts: str) -> Path:
+    """A path under ../shared/fixtures (real artefacts of other tools, read at run time, never copied here)."""
+    path = Path(__file__).resolve().parents[2].joinpath("shared", "fixtures", *parts)
+    if not path.exists():
+        missing(f"{path} is not there (the shared fixtures sit next to the checkout)")
     return path
