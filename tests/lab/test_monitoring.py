@@ -258,11 +258,11 @@ def test_an_xid_from_a_fake_gpu_is_delivered_to_the_webhook(probe):
 
     def xid_alerts() -> list[str]:
         bodies = [json.dumps(body) for body in receiver.bodies]
-        return [b for b in bodies if "RayrackGpuXidError" in b and "monitoring-probe" in b]
+        return [b for b in bodies if "RayrackGpuXidCritical" in b and "monitoring-probe" in b]
 
     while not xid_alerts() and time.monotonic() < deadline:
         time.sleep(2)
     assert xid_alerts(), f"no XID alert delivered; received: {receiver.bodies}"
     text = xid_alerts()[0]
-    assert "FIRING" in text and "the latest code is 79" in text, text
+    assert "FIRING" in text and "Critical XID 79" in text, text
     print(f"XID alert delivered {time.monotonic() - began:.0f} s after the probe started (XID at 25 s)")
