@@ -77,6 +77,8 @@ HOST_PACKAGES = {
     "promtool": "prometheus",
     # amtool checks the alertmanager role's configuration; the tests run the real Alertmanager with it.
     "amtool": "prometheus-alertmanager",
+    # memcheck runs a C client of the simulated NVML library under it (tests/nvml_sim/test_memcheck.py).
+    "valgrind": "valgrind",
 }
 # Checked by package name, installed without Recommends (vagrant-libvirt's pull in libguestfs and an NFS
 # server): the tests only run `vagrant validate` on the Vagrantfile.
