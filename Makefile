@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -e .
 	touch $@
 
-host-deps: venv ## Host packages the lab and tests use (podman, debootstrap, promtool), installed when missing
+host-deps: venv ## Host packages the lab and tests use (podman, debootstrap, promtool, valgrind), installed when missing
 	$(BIN)/python tests/lab/lab.py host-deps
 
 lab: host-deps ## Build lab nodes, converge site.yml, show the Ray cluster and metrics
