@@ -377,6 +377,10 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
         "alertmanager_group_wait": "1s",
         "alertmanager_group_interval": "10s",
         "prometheus_scrape_interval": "5s",
+        # dcgm-exporter's names and DeepOps' instance labels too, so the tests can check other projects' GPU
+        # dashboards against the lab (tests/lab/test_monitoring.py).
+        "ray_agent_dcgm_compat": True,
+        "prometheus_instance_label": "dcgm-exporter",
         # No Grafana package can be installed here: only its provisioning files are written.
         "grafana_install": False,
     }, indent=2) + "\n")
