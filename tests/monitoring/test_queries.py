@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import required
@@ -58,11 +59,14 @@ def prometheus(tmp_path_factory):
     try:
         with running(config, tmp / "data") as server:
             server.wait_for_targets(3)
-            # The first scrape of each target is stored once its targets are up; wait for the series.
-            for _ in range(100):
+            # Targets turn up with their first scrape; its samples become queryable just after.
+            deadline = time.monotonic() + 30
+            while True:
                 answer = server.get("/api/v1/query", {"query": "count(DCGM_FI_DEV_GPU_TEMP)"})
                 if answer["data"]["result"] and answer["data"]["result"][0]["value"][1] == "4":
                     break
+                assert time.monotonic() < deadline, f"the GPU series did not appear: {answer}"
+                time.sleep(0.2)
             yield server
     finally:
         for exporter in [*exporters.values(), node_exporter]:
