@@ -96,7 +96,7 @@ if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
     export PYTHONPATH=$REPO:/tmp/site
     export PATH=/tmp/site/bin:$PATH
 fi
-log "python: $("$PY" --version 2>&1), driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1 | head -1)"
+log "python: $("$PY" --version 2>&1), driver: $(timeout 30 nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1 | head -1)"
 
 # --- 1. ray-agent check on the real NVML -----------------------------------------------------------------
 cat >"$WORK/agent-check.yml" <<'EOF'
@@ -121,8 +121,8 @@ step nvml-differential 120 "$PY" tests/gpu/nvml_differential.py --json "$OUT/nvm
 
 # --- 4. GPM ---------------------------------------------------------------------------------------------
 # A matrix product loop keeps the SMs busy while the two samples are taken, so SM activity reads non-zero.
-if "$PY" -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-    "$PY" - >"$OUT/gpm-load.log" 2>&1 <<'EOF' &
+if timeout 60 "$PY" -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+    timeout 40 "$PY" - >"$OUT/gpm-load.log" 2>&1 <<'EOF' &
 import time
 import torch
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
