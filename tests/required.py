@@ -24,9 +24,13 @@ def binary(name: str, install: str) -> str:
     return path
 
 
-def shared_fixtures(*parts: str) -> Path:
-    """A path under ../shared/fixtures (real artefacts of other tools, read at run time, never copied here)."""
-    path = Path(__file__).resolve().parents[2].joinpath("shared", "fixtures", *parts)
+# Artefacts published by other GPU-monitoring projects (dashboards, alert rules, captures), kept next to the
+# repository and read at run time, never copied into it.
+ECOSYSTEM = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "gpu-ecosystem"
+
+
+def ecosystem(relative: str) -> Path:
+    path = ECOSYSTEM / relative
     if not path.exists():
-        missing(f"{path} is not there (the shared fixtures sit next to the checkout)")
+        missing(f"{path} is missing (the gpu-ecosystem fixtures live in ../shared next to the repository)")
     return path

@@ -189,18 +189,11 @@ def test_recovered_gpu_series_return() -> None:
     assert sample_value(up, "rayrack_gpu_read_errors_total", gpu="0", error="GPU_IS_LOST") == 1
 
 
-# dcgm-exporter's default counter list, read where the kit's shared fixtures live (next to the checkout).
-DCGM_DEFAULT_COUNTERS = (
-    Path(__file__).resolve().parents[3] / "shared/fixtures/gpu-ecosystem/counters/dcgm-exporter-default-counters.csv"
-)
-
-
 def dcgm_default_counters() -> list[tuple[str, str]]:
     """(field, type) of every active line of dcgm-exporter's default-counters.csv."""
-    if not DCGM_DEFAULT_COUNTERS.is_file():
-        required.missing(f"{DCGM_DEFAULT_COUNTERS} is missing (the shared GPU-ecosystem fixtures)")
     fields = []
-    for line in DCGM_DEFAULT_COUNTERS.read_text(encoding="utf-8").splitlines():
+    counters = required.ecosystem("counters/dcgm-exporter-default-counters.csv")
+    for line in counters.read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         name, kind, _ = (part.strip() for part in line.split(",", 2))  # the file has "DCGM_FI_DEV_DEC_UTIL ,"

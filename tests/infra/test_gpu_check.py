@@ -44,7 +44,7 @@ def split_capture(capture: Path, out: Path, kinds: tuple[str, ...] = ("query", "
 
 
 def capture(name: str) -> Path:
-    return required.shared_fixtures("gpu-ecosystem", "nvidia-smi-captures", name)
+    return required.ecosystem(f"nvidia-smi-captures/{name}")
 
 
 H100 = "linux-x86_64__nvidia-h100-80gb-hbm3__590.48.01.txt"

@@ -87,6 +87,8 @@ HOST_PACKAGES = {
     "promtool": "prometheus",
     # amtool checks the alertmanager role's configuration; the tests run the real Alertmanager with it.
     "amtool": "prometheus-alertmanager",
+    # memcheck runs a C client of the simulated NVML library under it (tests/nvml_sim/test_memcheck.py).
+    "valgrind": "valgrind",
 }
 # Checked by package name, installed without Recommends (vagrant-libvirt's pull in libguestfs and an NFS
 # server): the tests only run `vagrant validate` on the Vagrantfile.
@@ -388,6 +390,10 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
         "alertmanager_group_wait": "1s",
         "alertmanager_group_interval": "10s",
         "prometheus_scrape_interval": "5s",
+        # dcgm-exporter's names and DeepOps' instance labels too, so the tests can check other projects' GPU
+        # dashboards against the lab (tests/lab/test_monitoring.py).
+        "ray_agent_dcgm_compat": True,
+        "prometheus_instance_label": "dcgm-exporter",
         # No Grafana package can be installed here: only its provisioning files are written.
         "grafana_install": False,
     }, indent=2) + "\n")
