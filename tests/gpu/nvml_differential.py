@@ -49,7 +49,9 @@ def _calls(nvml) -> list[tuple[str, Callable[[Any], Any], Callable[[Any], bool],
             (value,) = nvml.nvmlDeviceGetFieldValues(h, [field_id])
             if value.nvmlReturn != nvml.NVML_SUCCESS:
                 raise nvml.NVMLError(value.nvmlReturn)
-            return {"valueType": value.valueType, "value": value.value.ullVal}
+            # The union member that the value's type names (nvmlValueType_t).
+            member = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal")[value.valueType]
+            return {"valueType": value.valueType, "value": getattr(value.value, member)}
 
         return read
 
@@ -118,6 +120,8 @@ def _plain(value: Any) -> Any:
         return value.decode(errors="replace")
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
     if hasattr(value, "_fields_"):
         return {name: _plain(getattr(value, name)) for name, *_ in value._fields_ if not name.startswith("_")}
     if type(value).__name__ == "nvmlFriendlyObject":  # pynvml's process entries
