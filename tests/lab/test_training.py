@@ -205,17 +205,70 @@ def converge_firewall(**settings: str) -> None:
     assert done.returncode == 0, done.stdout[-4000:]
 
 
-def test_with_the_pinned_firewall_collectives_between_nodes_fail(jobs_api, tmp_path):
-    converge_firewall(firewall_intra_cluster="pinned")
+@pytest.fixture(scope="class")
+def pinned_with_a_management_address():
+    """The strict firewall, and the head (the monitoring host) reached by Ansible at a second, management
+    address while Ray and Prometheus use its cluster address (ansible_host != ray_node_ip)."""
+    head = LAB.nodes[0]
+    management = str(list(LAB.subnet.hosts())[199])
+    host_vars = LAB.inventory_dir / "host_vars" / f"{head.name}.yml"
+    known_hosts = LAB.known_hosts.read_text()
+    key = next(line.split(None, 1)[1] for line in known_hosts.splitlines() if line.startswith(head.ip + " "))
+    device = labtool.ssh(LAB, head, f"ip -o -4 addr show | awk '$4 ~ /^{head.ip}\\//{{print $2}}'").stdout.strip()
+    labtool.ssh(LAB, head, f"sudo ip addr add {management}/{LAB.subnet.prefixlen} dev {device}")
     try:
+        LAB.known_hosts.write_text(known_hosts + f"{management} {key}\n")
+        host_vars.parent.mkdir(exist_ok=True)
+        host_vars.write_text(json.dumps({"ansible_host": management, "ray_node_ip": head.ip}))
+        converge_firewall(firewall_intra_cluster="pinned")
+        yield
+    finally:
+        host_vars.unlink(missing_ok=True)
+        LAB.known_hosts.write_text(known_hosts)
+        converge_firewall()
+        labtool.ssh(LAB, head, f"sudo ip addr del {management}/{LAB.subnet.prefixlen} dev {device}", check=False)
+
+
+# Runs on the head as root: what Prometheus there does, from the same address: every node's node_exporter and
+# agent answer, and Prometheus' own targets of those jobs are up.
+SCRAPE_PROBE = r"""
+import json, sys, time, urllib.parse, urllib.request
+reached = {}
+for ip in sys.argv[1:]:
+    for port in (9100, 9489):
+        try:
+            reached[f"{ip}:{port}"] = urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5).status
+        except OSError as exc:
+            reached[f"{ip}:{port}"] = str(exc)
+time.sleep(12)  # two scrape intervals after the reload
+query = urllib.parse.quote('up{job=~"node|ray-agent"}')
+up = json.load(urllib.request.urlopen(f"http://127.0.0.1:9090/api/v1/query?query={query}", timeout=10))
+print("RESULT " + json.dumps({"reached": reached,
+                              "up": {r["metric"]["instance"]: r["value"][1] for r in up["data"]["result"]}}))
+"""
+
+
+@pytest.mark.usefixtures("pinned_with_a_management_address")
+class TestPinnedFirewall:
+    """Under `firewall_intra_cluster: pinned`, with the head managed at another address than its cluster one."""
+
+    def test_collectives_between_nodes_fail(self, jobs_api, tmp_path):
         status, found = rendezvous(jobs_api, tmp_path)
         assert status == "SUCCEEDED", found
         assert all(outcome.startswith("failed") for outcome in found["results"].values()), found
         status, logs, seconds = train(jobs_api, f"ddp-pinned-{int(time.time())}", 30)
         assert status == "FAILED", logs[-4000:]
         print(f"\ntraining under the pinned firewall failed after {seconds:.0f}s")
-    finally:
-        converge_firewall()
+
+    def test_the_monitoring_host_scrapes_every_node_by_its_cluster_address(self):
+        ips = [node.ip for node in LAB.nodes]
+        out = labtool.ssh(LAB, LAB.nodes[0], "sudo python3 - " + " ".join(ips), input_text=SCRAPE_PROBE).stdout
+        found = result(out)
+        assert set(found["reached"].values()) == {200}, found["reached"]
+        assert found["up"] and set(found["up"].values()) == {"1"}, found["up"]
+
+
+def test_after_the_strict_mode_the_default_firewall_lets_collectives_through_again(jobs_api, tmp_path):
     status, found = rendezvous(jobs_api, tmp_path)
     assert status == "SUCCEEDED" and set(found["results"].values()) == {"connected"}, found
 
