@@ -20,6 +20,8 @@ text (model names, user names, the driver version) only in the last position of 
     discover 1073741824             # processes: from_cuda_visible_devices, with process_memory
     gpu_delay 0.005
     nvlink_links 12
+    gpm 1                           # answers GPM (then the GPM traces below are the scenario's)
+    trace sm_active 1 1 0.6 0.6     # one per GPM trace (graphics_active, sm_active, ...), 0 without GPM
     model NVIDIA L4
     fault -1 any 15 300 330 600     # gpu(-1: all) call error(-1: hang) from until(-1) every(-1)
 
@@ -37,6 +39,7 @@ from pathlib import Path
 from ray_agent.gpu.base import NVML_ERROR_CODES
 from ray_agent.gpu.fake import (
     BUILTIN_PREFIX,
+    GPM_TRACE_KEYS,
     FakeGpu,
     Scenario,
     ScenarioError,
@@ -118,7 +121,17 @@ def _gpu(scenario: Scenario, index: int, gpu: FakeGpu) -> list[str]:
     if gpu.delay is not None:
         lines.append(f"gpu_delay {_number(gpu.delay)}")
     lines.append(f"nvlink_links {NVLINK_LINKS if _nvlink_supported(scenario, index) else 0}")
+    lines.extend(_gpm(gpu))
     lines.append(f"model {gpu.model}")
+    return lines
+
+
+def _gpm(gpu: FakeGpu) -> list[str]:
+    """The GPM switch and traces; a GPU without GPM gets zero traces (the library wants every trace)."""
+    lines = [f"gpm {int(gpu.gpm is not None)}"]
+    for name in GPM_TRACE_KEYS:
+        trace = Trace.constant(0.0) if gpu.gpm is None else getattr(gpu.gpm, name)
+        lines.append(_trace(name, trace))
     return lines
 
 
