@@ -207,7 +207,8 @@ def test_bundled_scenarios_load_and_resolve() -> None:
     demo = load_scenario(resolve_scenario_path("builtin:demo-8gpu"))
     assert len(demo.gpus) == 8
     # YAML merge keys give every copy its own processes but the shared model.
-    assert {g.model for g in demo.gpus} == {"NVIDIA A100-SXM4-80GB"}
+    assert {g.model for g in demo.gpus} == {"NVIDIA H100 80GB HBM3"}
+    assert all(g.gpm is not None for g in demo.gpus)
     with pytest.raises(ScenarioError, match="no bundled scenario 'nope'"):
         resolve_scenario_path("builtin:nope")
 
