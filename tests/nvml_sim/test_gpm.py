@@ -4,6 +4,7 @@ of each trace between two consecutive reads of a GPU, none on the first read, no
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_gpm_means_between_reads(nvml_sim_library: Path, tmp_path: Path) -> None
             assert_matches(SCENARIO, epoch, {**read, "sample": {**read["sample"], "gpm": None}})
     # First read after init: no interval yet, on any GPU.
     assert [read["sample"]["gpm"] for read in rounds[0]] == [None, None, None]
-    for previous, current in zip(rounds, rounds[1:], strict=False):
+    for previous, current in itertools.pairwise(rounds):
         for before, after in zip(previous, current, strict=True):
             assert_gpm_matches(SCENARIO, epoch, before, after)
     gpm = rounds[2][0]["sample"]["gpm"]
@@ -125,7 +126,7 @@ def test_demo_scenario_gpm(nvml_sim_library: Path, tmp_path: Path, scenario_time
     epoch = write_config(config, text, scenario_time)
     rounds = run_client(config, ROUNDS)
     scenario = parse_scenario(text, "<demo>")
-    for previous, current in zip(rounds, rounds[1:], strict=False):
+    for previous, current in itertools.pairwise(rounds):
         for before, after in zip(previous, current, strict=True):
             index = after["sample"]["index"]
             if after["sample"]["field_errors"] or before["sample"]["field_errors"]:
