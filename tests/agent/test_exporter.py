@@ -12,6 +12,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
+from required import missing
 
 from agent.support import SCENARIOS, fake_sampler, http_get, metric_lines, sample_value
 from ray_agent.cli import build_agent
@@ -21,6 +22,7 @@ from ray_agent.exporter import SnapshotCollector
 from ray_agent.server import MetricsServer
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 UPDATE = os.environ.get("RAYRACK_UPDATE_GOLDEN") == "1"
 
 
@@ -29,7 +31,11 @@ def served_metrics(dcgm_compat: bool) -> str:
     config = load_config(SCENARIOS / "golden.config.yml", overrides)
     clock = FakeClock(wall=1_700_000_000.0, monotonic=500.0)
     agent = build_agent(config, clock=clock, host="127.0.0.1")
-    clock.advance(12)  # second utilisation segment, first XID seen, both processes running
+    # Two collections (GPM needs two reads), the second in the second utilisation segment, first XID seen,
+    # both processes running.
+    clock.advance(11)
+    agent.sampler.collect_once()
+    clock.advance(1)
     agent.sampler.collect_once()
     server = MetricsServer(agent.registry, "127.0.0.1", 0)
     server.start()
@@ -63,12 +69,12 @@ def test_golden_content_follows_the_rules() -> None:
     assert sample_value(body, "rayrack_gpu_power_watts", gpu="1") is None
     assert (
         sample_value(body, "rayrack_gpu_field_errors_total", gpu="1", field="power", error="NOT_SUPPORTED")
-        == 1
+        == 2  # once per collection
     )
     assert " -1" not in body
     # Lost GPU: up 0, nothing else about it but the error counter.
     assert sample_value(body, "rayrack_gpu_up", gpu="2") == 0
-    assert sample_value(body, "rayrack_gpu_read_errors_total", gpu="2", error="GPU_IS_LOST") == 1
+    assert sample_value(body, "rayrack_gpu_read_errors_total", gpu="2", error="GPU_IS_LOST") == 2
     assert not [
         line
         for line in body.splitlines()
@@ -97,6 +103,17 @@ def test_golden_content_follows_the_rules() -> None:
     assert line.endswith(" 75.0")
     assert sample_value(dcgm, "DCGM_FI_DEV_FB_USED", gpu="0") == 21 * 1024
     assert sample_value(dcgm, "DCGM_FI_DEV_XID_ERRORS", gpu="0") == 79
+    # GPM: the mean between the two collections, only where the GPU has GPM; nothing counted elsewhere.
+    assert sample_value(body, "rayrack_gpu_sm_active_ratio", gpu="3") == pytest.approx(0.02)
+    assert sample_value(body, "rayrack_gpu_tensor_active_ratio", gpu="3") == pytest.approx(0.26)
+    assert sample_value(body, "rayrack_gpu_gpm_nvlink_bytes_per_second", gpu="3", direction="rx") == 2.5e9
+    assert sample_value(body, "rayrack_gpu_utilization_ratio", gpu="3") == 1.0
+    assert [line for line in metric_lines(body, "rayrack_gpu_sm_active_ratio") if 'gpu="3"' not in line] == []
+    assert 'field="gpm"' not in body
+    assert sample_value(dcgm, "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", gpu="3") == pytest.approx(0.26)
+    assert sample_value(dcgm, "DCGM_FI_PROF_GR_ENGINE_ACTIVE", gpu="3") == 1.0
+    assert sample_value(dcgm, "DCGM_FI_PROF_PCIE_TX_BYTES", gpu="3") == 3 * 2**20
+    assert sample_value(dcgm, "DCGM_FI_PROF_SM_ACTIVE", gpu="0") is None
 
 
 def render(sampler, clock, stale_after: float = 10.0, **config: object) -> str:
@@ -156,3 +173,34 @@ def test_recovered_gpu_series_return() -> None:
     assert sample_value(up, "rayrack_gpu_up", gpu="0") == 1
     assert sample_value(up, "rayrack_gpu_temperature_celsius", gpu="0") == 40
     assert sample_value(up, "rayrack_gpu_read_errors_total", gpu="0", error="GPU_IS_LOST") == 1
+
+
+def test_dcgm_profiling_fields_have_dcgm_exporters_types_and_help() -> None:
+    """Each DCGM_FI_PROF_* family is typed and described as in dcgm-exporter's own counter list (its lines
+    commented out there are fields it knows but does not collect by default; an active line wins)."""
+    csv = SHARED / "fixtures" / "gpu-ecosystem" / "counters" / "dcgm-exporter-dcp-metrics-included.csv"
+    if not csv.is_file():
+        missing(f"{csv} (the shared fixtures)")
+    active: dict[str, tuple[str, str]] = {}
+    known: dict[str, tuple[str, str]] = {}
+    for line in csv.read_text(encoding="utf-8").splitlines():
+        entry = line.removeprefix("# ")
+        if entry.startswith("DCGM_FI_PROF_"):
+            name, kind, documentation = (part.strip() for part in entry.split(",", 2))
+            (known if line.startswith("#") else active)[name] = (kind, documentation)
+    theirs = {**known, **active}
+    body = (GOLDEN / "dcgm_compat.prom").read_text()
+    ours = {
+        line.split()[2]: line.split(None, 3)[3]
+        for line in body.splitlines()
+        if line.startswith("# HELP DCGM_FI_PROF_")
+    }
+    assert set(ours) >= {"DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "DCGM_FI_PROF_GR_ENGINE_ACTIVE"}
+    compared = 0
+    for name, documentation in ours.items():
+        if name not in theirs:
+            continue  # NVLink rates: in DCGM's field list, not in that file
+        assert f"# TYPE {name} {theirs[name][0]}" in body, name
+        assert documentation == theirs[name][1], name
+        compared += 1
+    assert compared >= 7
