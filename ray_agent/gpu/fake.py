@@ -345,7 +345,7 @@ _GPU_KEYS = {
     "process_memory",
     "faults",
 }
-_GPM_KEYS = {"gpm", "graphics_active", "sm_active", "sm_occupancy", "tensor_active", "dram_active"}
+_GPM_KEYS = {"gpm", *GPM_TRACE_KEYS}
 FROM_CUDA_VISIBLE_DEVICES = "from_cuda_visible_devices"
 _FAULT_KEYS = {"call", "error", "from", "until", "every", "gpu"}
 _PROCESS_KEYS = {"pid", "user", "memory", "from", "until"}
