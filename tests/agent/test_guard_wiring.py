@@ -20,7 +20,15 @@ from agent.support import PROC_FIXTURE, SCENARIOS, sample_value
 from ray_agent.attribution import Attribution
 from ray_agent.cli import build_agent, render_guard
 from ray_agent.clock import FakeClock
-from ray_agent.config import AttributionConfig, CollectionConfig, ConfigError, GuardConfig, GuardStages, build_config
+from ray_agent.config import (
+    GUARD_SIGNALS,
+    AttributionConfig,
+    CollectionConfig,
+    ConfigError,
+    GuardConfig,
+    GuardStages,
+    build_config,
+)
 from ray_agent.gpu.fake import FakeBackend, ScenarioError, bundled_scenarios, load_scenario, parse_scenario
 from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler
@@ -60,6 +68,12 @@ def test_guard_section_parses(tmp_path: Path) -> None:
     assert guard.webhook_url_file == tmp_path / "hook.url" and guard.audit_log == tmp_path / "audit.jsonl"
     assert guard.allow_users == ("svc-*",)
     assert guard.signal == "sm_active"
+
+
+def test_the_role_offers_exactly_the_agents_signals() -> None:
+    specs = Path(__file__).resolve().parents[2] / "roles" / "ray_agent" / "meta" / "argument_specs.yml"
+    option = yaml.safe_load(specs.read_text())["argument_specs"]["main"]["options"]["ray_agent_guard_signal"]
+    assert option["choices"] == list(GUARD_SIGNALS) and option["default"] == GuardConfig().signal
 
 
 def test_a_short_window_lowers_the_default_max_gap() -> None:
