@@ -268,19 +268,19 @@ class NvmlBackend:
         """Metrics between the previous read and this one; None on the first read and where there is no GPM."""
         state = device.gpm
         if state.supported is None:
-            try:
-                support = _nvml("gpm", pynvml.nvmlGpmQueryDeviceSupport, device.handle)
-                state.supported = bool(support.isSupportedDevice)
-            except GpuError as err:
-                if err.code not in _GPM_ABSENT:
-                    raise  # counted, and asked again on the next read
-                state.supported = False
-            if state.supported:
-                state.samples = (
-                    _nvml("gpm", pynvml.nvmlGpmSampleAlloc),
-                    _nvml("gpm", pynvml.nvmlGpmSampleAlloc),
-                )
-        if not state.supported or state.samples is None:
+            # A failure here is counted and the question asked again on the next read.
+            supported = NvmlBackend._gpm_supported(device.handle)
+            if supported:
+                first = _nvml("gpm", pynvml.nvmlGpmSampleAlloc)
+                try:
+                    second = _nvml("gpm", pynvml.nvmlGpmSampleAlloc)
+                except GpuError:
+                    with contextlib.suppress(pynvml.NVMLError):
+                        pynvml.nvmlGpmSampleFree(first)
+                    raise
+                state.samples = (first, second)
+            state.supported = supported
+        if state.samples is None:
             return None
         first, second = state.samples
         current = second if state.previous is first else first
@@ -304,3 +304,12 @@ class NvmlBackend:
                 if request.metrics[i].nvmlReturn == pynvml.NVML_SUCCESS
             }
         )
+
+    @staticmethod
+    def _gpm_supported(handle: Any) -> bool:
+        try:
+            return bool(_nvml("gpm", pynvml.nvmlGpmQueryDeviceSupport, handle).isSupportedDevice)
+        except GpuError as err:
+            if err.code in _GPM_ABSENT:
+                return False
+            raise
