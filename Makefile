@@ -24,7 +24,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -e .
 	touch $@
 
-host-deps: venv ## Host packages the lab and tests use (podman, debootstrap, promtool), installed when missing
+host-deps: venv ## Host packages the lab and tests use (podman, debootstrap, promtool, valgrind), installed when missing
 	$(BIN)/python tests/lab/lab.py host-deps
 
 lab: host-deps ## Build lab nodes, converge site.yml, show the Ray cluster and metrics
@@ -64,8 +64,10 @@ bench: bench-cluster bench-agent bench-idle ## All benchmarks
 bench-cluster: host-deps ## site.yml cold and re-run times, tuned vs stock Ansible; cluster-ready vs plain `ray start`
 	$(BIN)/python tests/bench/bench_cluster.py
 
+# sim: the peers read the simulated demo-8gpu node; real: this machine's GPUs, through its own libnvidia-ml.so.1.
+BENCH_AGENT_NVML ?= sim
 bench-agent: venv nvml-sim ## ray_agent: CPU per scrape, RSS, /metrics latency; vs nvitop-exporter and Ray on simulated GPUs
-	$(BIN)/python tests/bench/bench_agent.py
+	$(BIN)/python tests/bench/bench_agent.py --nvml $(BENCH_AGENT_NVML)
 
 NVML_SIM_SRC := ray_agent/gpu/nvml_sim
 NVML_SIM_LIB := build/nvml-sim/libnvidia-ml.so.1

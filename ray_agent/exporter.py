@@ -2,7 +2,21 @@
 
 `collect()` builds fresh families from the latest snapshot on every scrape; nothing here is a long-lived
 gauge, and nothing here calls the GPU backend. A field missing from a sample is simply not exported.
+
+dcgm-exporter's default counters (its ``default-counters.csv``) that NVML cannot supply with dcgm's meaning,
+and are therefore not exported under dcgm's names (``DCGM_NOT_FROM_NVML``):
+
+- ``DCGM_FI_DEV_VGPU_LICENSE_STATUS``: the vGPU guest licence state comes from the vGPU host manager
+  (nvmlVgpuInstanceGetLicenseStatus per vGPU instance), not from a bare-metal GPU; there is no value for a
+  physical GPU to report.
+- ``DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL``: DCGM sums its own per-link bandwidth counters, headers and
+  payload of both directions. The agent reads NVML's data-throughput counters
+  (``NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_*``), payload only and per direction, so the sum would be a
+  different quantity under the same name; it is exported as ``rayrack_gpu_nvlink_transferred_bytes_total``
+  (``direction`` tx/rx) instead.
+- ``DCGM_FI_DRIVER_VERSION`` is a label, not a series; it is on every DCGM series here.
 """
+
 
 from __future__ import annotations
 
@@ -20,7 +34,7 @@ from prometheus_client.registry import Collector
 from ray_agent import __version__
 from ray_agent.clock import Clock, SystemClock
 from ray_agent.config import ExporterConfig
-from ray_agent.gpu.base import GpmSample, GpuSample
+from ray_agent.gpu.base import CLOCK_EVENT_REASONS, GpmSample, GpuSample
 from ray_agent.guard import GuardSnapshot
 from ray_agent.guard.tracker import GpuState
 from ray_agent.sampler import GpuStatus, Snapshot
@@ -29,7 +43,10 @@ PREFIX = "rayrack_"
 _MIB = 1024 * 1024
 _GPU_LABELS = ["gpu", "uuid"]
 # dcgm-exporter's label set, so that its dashboards and queries work unchanged.
-DCGM_LABELS = ["gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION"]
+# Released dcgm-exporter labels the node `Hostname`, its main branch `hostname`: both are set.
+DCGM_LABELS = ["gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "hostname", "DCGM_FI_DRIVER_VERSION"]
+# dcgm-exporter's default counters that have no NVML source with dcgm's meaning (see the module docstring).
+DCGM_NOT_FROM_NVML = ("DCGM_FI_DEV_VGPU_LICENSE_STATUS", "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL")
 PROCESS_LABELS = ["gpu", "uuid", "pid", "user", "ray_job_id", "ray_actor", "ray_task"]
 GUARD_STATES = tuple(state.value for state in GpuState)
 
@@ -64,6 +81,60 @@ _GPU_GAUGES: tuple[tuple[str, str, Callable[[GpuSample], float | None]], ...] = 
         "gpu_xid_last_code",
         "Code of the most recent XID error seen since the agent started.",
         lambda s: s.last_xid,
+    ),
+)
+
+
+def _flag(value: bool | None) -> float | None:
+    return None if value is None else (1.0 if value else 0.0)
+
+
+def _percent(ratio: float | None) -> float | None:
+    return None if ratio is None else round(ratio * 100, 4)
+
+
+# Health fields: (family name, help, value) for the per-GPU gauges.
+_HEALTH_GAUGES: tuple[tuple[str, str, Callable[[GpuSample], float | None]], ...] = (
+    ("gpu_fan_speed_ratio", "Fan speed as a fraction of its maximum (0..1).", lambda s: s.fan_speed_ratio),
+    (
+        "gpu_memory_temperature_celsius",
+        "Device memory (HBM) temperature.",
+        lambda s: s.memory_temperature_celsius,
+    ),
+    (
+        "gpu_encoder_utilization_ratio",
+        "Fraction of time the video encoder was busy (0..1).",
+        lambda s: s.encoder_utilization_ratio,
+    ),
+    (
+        "gpu_decoder_utilization_ratio",
+        "Fraction of time the video decoder was busy (0..1).",
+        lambda s: s.decoder_utilization_ratio,
+    ),
+    ("gpu_memory_reserved_bytes", "Device memory reserved by the driver.", lambda s: s.memory_reserved_bytes),
+    (
+        "gpu_row_remap_pending",
+        "1 when a memory row remap waits for the next GPU reset, else 0.",
+        lambda s: None if s.remapped_rows is None else _flag(s.remapped_rows.pending),
+    ),
+    (
+        "gpu_row_remap_failed",
+        "1 when a memory row could not be remapped (the GPU needs service), else 0.",
+        lambda s: None if s.remapped_rows is None else _flag(s.remapped_rows.failed),
+    ),
+    (
+        "gpu_retired_pages_pending",
+        "1 when retired memory pages wait for the next driver reload, else 0.",
+        lambda s: _flag(s.retired_pages_pending),
+    ),
+)
+# Health counters: (family name without _total, help, value).
+_HEALTH_COUNTERS: tuple[tuple[str, str, Callable[[GpuSample], float | None]], ...] = (
+    ("gpu_energy_joules", "Energy consumed since the driver loaded.", lambda s: s.energy_joules_total),
+    (
+        "gpu_pcie_replay_errors",
+        "PCIe replays (link-level retries) since the driver loaded.",
+        lambda s: s.pcie_replay_errors_total,
     ),
 )
 
@@ -105,6 +176,26 @@ _DCGM_GAUGES: tuple[tuple[str, str, Callable[[GpuSample], float | None]], ...] =
         "DCGM_FI_DEV_XID_ERRORS",
         "Value of the last XID error encountered.",
         lambda s: None if s.xid_errors_total is None else (s.last_xid or 0),
+    ),
+    # Health fields.
+    ("DCGM_FI_DEV_FAN_SPEED", "Fan speed (in %).", lambda s: _percent(s.fan_speed_ratio)),
+    ("DCGM_FI_DEV_MEMORY_TEMP", "Memory temperature (in C).", lambda s: s.memory_temperature_celsius),
+    ("DCGM_FI_DEV_ENC_UTIL", "Encoder utilization (in %).", lambda s: _percent(s.encoder_utilization_ratio)),
+    ("DCGM_FI_DEV_DEC_UTIL", "Decoder utilization (in %).", lambda s: _percent(s.decoder_utilization_ratio)),
+    (
+        "DCGM_FI_DEV_FB_RESERVED",
+        "Framebuffer memory reserved (in MiB).",
+        lambda s: None if s.memory_reserved_bytes is None else s.memory_reserved_bytes // _MIB,
+    ),
+    (
+        "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+        "Whether remapping of rows has failed",
+        lambda s: None if s.remapped_rows is None else _flag(s.remapped_rows.failed),
+    ),
+    (
+        "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
+        "Current clock throttle reasons (NVML's bitmask).",
+        lambda s: s.clock_event_reasons,
     ),
 )
 
@@ -219,6 +310,65 @@ _GPM_RATES: tuple[tuple[str, str, tuple[tuple[str, str, str, str], ...]], ...] =
 def _with_gpm(snapshot: Snapshot) -> list[tuple[GpuStatus, GpuSample, GpmSample]]:
     """The GPUs that reported GPM this time; the others have no GPM series."""
     return [(s, s.sample, s.sample.gpm) for s in snapshot.gpus if s.sample is not None and s.sample.gpm is not None]
+
+
+# dcgm-exporter's counters among the health fields, untyped for the same reason: (field, help, value).
+_DCGM_HEALTH_COUNTERS: tuple[tuple[str, str, Callable[[GpuSample], float | None]], ...] = (
+    (
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "Total energy consumption since boot (in mJ).",
+        lambda s: None if s.energy_joules_total is None else round(s.energy_joules_total * 1000),
+    ),
+    (
+        "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+        "Total number of PCIe retries.",
+        lambda s: s.pcie_replay_errors_total,
+    ),
+    (
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        "Number of remapped rows for correctable errors",
+        lambda s: None if s.remapped_rows is None else s.remapped_rows.correctable,
+    ),
+    (
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+        "Number of remapped rows for uncorrectable errors",
+        lambda s: None if s.remapped_rows is None else s.remapped_rows.uncorrectable,
+    ),
+)
+
+
+def _health_families(readable: list[tuple[GpuStatus, GpuSample]]) -> Iterator[Metric]:
+    """The native health families: gauges, counters, remapped rows by kind, and clock events by reason."""
+
+    def labels(status: GpuStatus, sample: GpuSample) -> list[str]:
+        return [str(status.index), sample.uuid]
+
+    for make, table in ((_gauge, _HEALTH_GAUGES), (_counter, _HEALTH_COUNTERS)):
+        for name, documentation, value_of in table:
+            family = make(name, documentation, _GPU_LABELS)
+            for status, sample in readable:
+                value = value_of(sample)
+                if value is not None:
+                    family.add_metric(labels(status, sample), value)
+            yield family
+    rows = _counter(
+        "gpu_remapped_rows", "Memory rows remapped, by the kind of error that caused it.", [*_GPU_LABELS, "kind"]
+    )
+    events = _gauge(
+        "gpu_clock_event_active",
+        "1 for each clocks-event reason (NVML's throttle reasons) holding the clocks down now, else 0.",
+        [*_GPU_LABELS, "reason"],
+    )
+    for status, sample in readable:
+        if sample.remapped_rows is not None:
+            rows.add_metric([*labels(status, sample), "correctable"], sample.remapped_rows.correctable)
+            rows.add_metric([*labels(status, sample), "uncorrectable"], sample.remapped_rows.uncorrectable)
+        if sample.clock_event_reasons is not None:
+            for reason, bit in CLOCK_EVENT_REASONS.items():
+                active = 1.0 if sample.clock_event_reasons & bit else 0.0
+                events.add_metric([*labels(status, sample), reason], active)
+    yield rows
+    yield events
 
 
 class SnapshotCollector(Collector):
@@ -408,6 +558,7 @@ class SnapshotCollector(Collector):
         yield pcie
         yield nvlink
         yield processes
+        yield from _health_families(readable)
 
     @staticmethod
     def _process_families(snapshot: Snapshot) -> Iterator[Metric]:
@@ -495,6 +646,7 @@ class SnapshotCollector(Collector):
             f"nvidia{status.index}",
             sample.model,
             self._hostname,
+            self._hostname,
             snapshot.backend.driver_version,
         ]
 
@@ -517,6 +669,13 @@ class SnapshotCollector(Collector):
                 count = getattr(sample.ecc, attribute) if sample.ecc is not None else None
                 if count is not None:
                     family.add_metric(labels(status, sample), count)
+            yield family
+        for field, documentation, value_of in _DCGM_HEALTH_COUNTERS:
+            family = UnknownMetricFamily(field, documentation, labels=DCGM_LABELS)
+            for status, sample in readable:
+                value = value_of(sample)
+                if value is not None:
+                    family.add_metric(labels(status, sample), value)
             yield family
 
 

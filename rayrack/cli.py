@@ -1,7 +1,8 @@
 """rayrack: operate a rayrack Ray cluster from its Ansible inventory.
 
 Exit codes: 0 success; 1 bad usage or inventory, or (status) a node not alive in Ray; 2 a host failed;
-3 a host was unreachable; 4 the run broke or was interrupted.
+3 a host was unreachable; 4 the run broke or was interrupted. gpu-check: 0 consistent, 1 something found,
+2 unusable input.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     grafana = sub.add_parser("grafana-sync", add_help=False,
                              help="create or update the dashboards in an existing Grafana (see grafana-sync --help)")
     grafana.add_argument("sync_args", nargs=argparse.REMAINDER)
+    gpu_check = sub.add_parser("gpu-check", add_help=False,
+                               help="check one node's GPUs from saved nvidia-smi outputs (see gpu-check --help)")
+    gpu_check.add_argument("check_args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -73,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         from monitoring.grafana import sync
 
         return sync.main(argv[1:])
+    if argv[:1] == ["gpu-check"]:
+        # Reads capture files only: no inventory needed.
+        from rayrack import gpu_check
+
+        return gpu_check.main(argv[1:])
     args = build_parser().parse_args(argv)
     path = args.inventory.resolve()
     if not path.exists():

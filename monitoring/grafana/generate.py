@@ -280,7 +280,7 @@ def gpu_detail() -> dict[str, Any]:
                 f"rate(rayrack_gpu_nvlink_transferred_bytes_total{{{sel}}}[$__rate_interval])",
                 f"{legend} {{{{direction}}}}")], "Bps"),
             series("XID errors", [target(f"rayrack_gpu_xid_errors_total{{{sel}}}", legend)],
-                   description="XID errors since the agent started (RayrackGpuXidError fires on any new one).",
+                   description="XID errors since the agent started (each new one fires one alert, by its code's tier).",
                    width=8),
             series("ECC errors", [target(
                 f"rayrack_gpu_ecc_errors_total{{{sel}}}", f"{legend} {{{{type}}}} {{{{scope}}}}")], width=8),

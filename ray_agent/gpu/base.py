@@ -147,6 +147,33 @@ class GpmSample:
 
 
 @dataclass(frozen=True, slots=True)
+class RemappedRows:
+    """Row remapping of HBM (NVML's nvmlDeviceGetRemappedRows): rows remapped so far, and the remapper's state.
+
+    `pending`: a remap is waiting for the next GPU reset; `failed`: a row could not be remapped.
+    """
+
+    correctable: int
+    uncorrectable: int
+    pending: bool
+    failed: bool
+
+
+# NVML's clocks-event-reasons bits (nvmlClocksEventReason*), by the name the exporter and scenarios use.
+CLOCK_EVENT_REASONS: dict[str, int] = {
+    "gpu_idle": 0x1,
+    "applications_clocks_setting": 0x2,
+    "sw_power_cap": 0x4,
+    "hw_slowdown": 0x8,
+    "sync_boost": 0x10,
+    "sw_thermal_slowdown": 0x20,
+    "hw_thermal_slowdown": 0x40,
+    "hw_power_brake_slowdown": 0x80,
+    "display_clock_setting": 0x100,
+}
+
+
+@dataclass(frozen=True, slots=True)
 class GpuSample:
     """One read of one GPU. A field is None when it could not be read; `field_errors` says why."""
 
@@ -174,6 +201,17 @@ class GpuSample:
     processes: tuple[GpuProcess, ...] | None = None
     # None: the GPU has no GPM, this is its first read (GPM needs two), or the read failed.
     gpm: GpmSample | None = None
+    # Health fields.
+    fan_speed_ratio: float | None = None
+    memory_temperature_celsius: float | None = None
+    energy_joules_total: float | None = None
+    pcie_replay_errors_total: int | None = None
+    encoder_utilization_ratio: float | None = None
+    decoder_utilization_ratio: float | None = None
+    memory_reserved_bytes: int | None = None
+    remapped_rows: RemappedRows | None = None
+    retired_pages_pending: bool | None = None
+    clock_event_reasons: int | None = None
     field_errors: tuple[FieldError, ...] = ()
 
 
@@ -223,6 +261,19 @@ class FieldCollector:
             return None
 
 
+# Health fields (fan, memory temperature, energy, PCIe replays, encoder/decoder, remapping, clock events).
+HEALTH_FIELD_NAMES = (
+    "fan_speed",
+    "memory_temperature",
+    "energy",
+    "pcie_replay",
+    "encoder_utilization",
+    "decoder_utilization",
+    "memory_reserved",
+    "remapped_rows",
+    "retired_pages",
+    "clock_events",
+)
 # Field names used in `rayrack_gpu_field_errors_total{field=...}` and in fake scenario faults.
 FIELD_NAMES = (
     "memory",
@@ -237,6 +288,7 @@ FIELD_NAMES = (
     "nvlink",
     "processes",
     "gpm",
+    *HEALTH_FIELD_NAMES,
 )
 # Calls that are not per field: opening a device (handle and identity), and library-wide calls.
 DEVICE_CALL = "device"

@@ -32,6 +32,18 @@ string such as ``90s``, ``1m30s``, ``250ms``. Sizes are bytes or strings such as
         nvlink_rx_bytes_per_second: 0
         ecc: {corrected_volatile: 0, uncorrected_volatile: 0, corrected_aggregate: 3}   # missing keys: 0
         xids: [{at: 45s, code: 79}]  # XID events; counted once scenario time passes `at`
+        fan_speed: 0.35              # trace, ratio 0..1 of the fan's maximum (default 0.3)
+        memory_temperature_celsius: 50   # trace (default 45)
+        pcie_replay_errors_per_second: 0 # trace; exported as a counter (its integral, whole replays)
+        encoder_utilization: 0       # traces, ratio 0..1 (default 0)
+        decoder_utilization: 0
+        memory_reserved: 512MiB      # driver-reserved device memory (default 0)
+        remapped_rows: {correctable: 0, uncorrectable: 1, pending: true, failed: false}   # missing keys: 0/false
+        retired_pages_pending: false # (default false)
+        clock_event_reasons: [sw_power_cap]   # active clocks-event reasons (default none), see below
+        pcie_link: {generation: 4, width: 8, max_generation: 4, max_width: 16}   # see "Topology"
+        nvlink_links: {count: 12, speed_mbps: 25781, down: [3], speeds: {5: 12890}}
+        fabric: {state: completed, status: SUCCESS}
         unsupported: [power]         # fields that always fail with NOT_SUPPORTED
         delay: 5ms
         processes:
@@ -65,6 +77,24 @@ cycles; ``dram_active`` DRAM bandwidth against the peak. GPM's PCIe and NVLink r
 ``pcie_*`` and ``nvlink_*`` traces. Each GPM value is the exact mean of its trace over the interval
 between two consecutive reads of the GPU (the integral over the interval divided by its length): the first
 read after init has none, and a failed read (a ``gpm`` fault) leaves the previous one as the start.
+Health fields
+-------------
+Energy is not a key: ``nvmlDeviceGetTotalEnergyConsumption`` is the exact integral of ``power_watts``
+since scenario time 0 (the driver loading). ``clock_event_reasons`` names NVML's clocks-event reasons:
+gpu_idle, applications_clocks_setting, sw_power_cap, hw_slowdown, sync_boost, sw_thermal_slowdown,
+hw_thermal_slowdown, hw_power_brake_slowdown, display_clock_setting. Each health field can be listed in
+``unsupported`` (a board without a fan: ``unsupported: [fan_speed]``) or be the ``call`` of a fault.
+
+Topology
+--------
+Read by the hardware-acceptance check through the simulated library; samples do not carry it.
+``pcie_link``: current ``generation`` and ``width`` (default: the maximum; lower is a degraded link),
+``max_generation`` and ``max_width`` of the link (default 4 and 16), ``gpu_max_generation`` of the GPU
+itself (default ``max_generation``). ``nvlink_links``: ``count`` links (default 12, at most 18; 0 when
+``nvlink`` is unsupported), each at ``speed_mbps`` MB/s (default 25781, NVLink 3), except those in
+``speeds`` (link -> MB/s); links in ``down`` are inactive and report speed 0. ``fabric``: NVSwitch fabric
+registration, ``state`` one of not_started, in_progress, completed, and once completed the ``status``
+(SUCCESS or an NVML error name); without it the GPU has no fabric and the call answers NOT_SUPPORTED.
 
 Processes from CUDA_VISIBLE_DEVICES
 -----------------------------------
@@ -84,8 +114,9 @@ Utilisation and everything else still come from the scenario's traces.
 Faults
 ------
 ``call`` is ``init``, ``shutdown``, ``device`` (opening a GPU: handle and identity), a field name (memory,
-utilization, power, temperature, sm_clock, memory_clock, ecc, xid, pcie, nvlink, processes, gpm) or
-``any``.
+utilization, power, temperature, sm_clock, memory_clock, ecc, xid, pcie, nvlink, processes, fan_speed,
+memory_temperature, energy, pcie_replay, encoder_utilization, decoder_utilization, memory_reserved,
+remapped_rows, retired_pages, clock_events, gpm; ``FIELD_NAMES``) or ``any``.
 ``error`` is an NVML code (number) or name (``NOT_SUPPORTED``, ``DRIVER_NOT_LOADED``, ``LIBRARY_NOT_FOUND``,
 ``GPU_IS_LOST``, ``RESET_REQUIRED``, ``LIB_RM_VERSION_MISMATCH``, ... see ``NVML_ERROR_NAMES``), or ``hang``:
 the call blocks until the window ends or the backend shuts down. A fault is active from ``from`` (default
@@ -108,6 +139,7 @@ import yaml
 from ray_agent.clock import Clock, SystemClock
 from ray_agent.gpu.base import (
     BACKEND_CALLS,
+    CLOCK_EVENT_REASONS,
     DEVICE_CALL,
     FIELD_NAMES,
     NVML_ERROR_CODES,
@@ -119,6 +151,7 @@ from ray_agent.gpu.base import (
     GpuError,
     GpuProcess,
     GpuSample,
+    RemappedRows,
 )
 from ray_agent.units import parse_bytes, parse_duration
 
@@ -252,6 +285,77 @@ class XidEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Health:
+    """A GPU's health fields: traces are read at scenario time, counters integrate their rate traces."""
+
+    fan_speed: Trace
+    memory_temperature_celsius: Trace
+    pcie_replay_errors_per_second: Trace
+    encoder_utilization: Trace
+    decoder_utilization: Trace
+    memory_reserved_bytes: int
+    remapped_rows: RemappedRows
+    retired_pages_pending: bool
+    clock_event_reasons: int
+
+
+# NVML's nvmlGpuFabricState_t, by the name scenarios use.
+FABRIC_STATES: dict[str, int] = {"not_started": 1, "in_progress": 2, "completed": 3}
+# NVML_NVLINK_MAX_LINKS: the most links NVML reports per GPU.
+NVLINK_MAX_LINKS = 18
+PCIE_WIDTHS = (1, 2, 4, 8, 12, 16, 32)
+
+
+@dataclass(frozen=True, slots=True)
+class PcieLink:
+    """PCIe link as NVML reports it; a current generation or width below the maximum is a degraded link."""
+
+    generation: int
+    width: int
+    max_generation: int
+    max_width: int
+    gpu_max_generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class NvlinkLinks:
+    """NVLink links of a GPU: how many, their speed, which are down, and per-link speeds that differ."""
+
+    count: int
+    speed_mbps: int
+    down: frozenset[int] = frozenset()
+    speeds: tuple[tuple[int, int], ...] = ()  # (link, MB/s) for links slower (or faster) than speed_mbps
+
+    def speed_of(self, link: int) -> int:
+        """MB/s of one link; 0 for a link that is down."""
+        if link in self.down:
+            return 0
+        return dict(self.speeds).get(link, self.speed_mbps)
+
+    def common_speed(self) -> int:
+        """The speed every active link reaches (NVML's ..._SPEED_MBPS_COMMON): the slowest active link."""
+        active = [self.speed_of(link) for link in range(self.count) if link not in self.down]
+        return min(active) if active else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Fabric:
+    """NVSwitch fabric registration (nvmlDeviceGetGpuFabricInfo): state, and the status once completed."""
+
+    state: int
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Link state for the hardware-acceptance check; the simulated library reports it, samples do not."""
+
+    pcie_link: PcieLink
+    nvlink: NvlinkLinks
+    fabric: Fabric | None  # None: no NVSwitch fabric (the call answers NOT_SUPPORTED)
+
+
+@dataclass(frozen=True, slots=True)
 class FakeGpu:
     model: str
     uuid: str
@@ -271,6 +375,8 @@ class FakeGpu:
     ecc: EccCounts
     xids: tuple[XidEvent, ...]
     processes: tuple[ScheduledProcess, ...]
+    health: Health
+    topology: Topology
     delay: float | None
     processes_from_cuda_visible_devices: bool = False
     process_memory_bytes: int = 2**30
@@ -344,12 +450,34 @@ _GPU_KEYS = {
     "processes",
     "process_memory",
     "faults",
+    *(
+        "fan_speed",
+        "memory_temperature_celsius",
+        "pcie_replay_errors_per_second",
+        "encoder_utilization",
+        "decoder_utilization",
+        "memory_reserved",
+        "remapped_rows",
+        "retired_pages_pending",
+        "clock_event_reasons",
+        "pcie_link",
+        "nvlink_links",
+        "fabric",
+    ),
 }
 _GPM_KEYS = {"gpm", *GPM_TRACE_KEYS}
 FROM_CUDA_VISIBLE_DEVICES = "from_cuda_visible_devices"
 _FAULT_KEYS = {"call", "error", "from", "until", "every", "gpu"}
 _PROCESS_KEYS = {"pid", "user", "memory", "from", "until"}
 _ECC_KEYS = {"corrected_volatile", "uncorrected_volatile", "corrected_aggregate", "uncorrected_aggregate"}
+_REMAPPED_ROWS_KEYS = {"correctable", "uncorrectable", "pending", "failed"}
+_PCIE_LINK_KEYS = {"generation", "width", "max_generation", "max_width", "gpu_max_generation"}
+_NVLINK_KEYS = {"count", "speed_mbps", "down", "speeds"}
+_FABRIC_KEYS = {"state", "status"}
+# Defaults: a PCIe 4.0 x16 board with 12 NVLink 3 links to NVSwitches and no fabric manager (HGX A100).
+DEFAULT_PCIE_LINK = PcieLink(generation=4, width=16, max_generation=4, max_width=16, gpu_max_generation=4)
+DEFAULT_NVLINK_LINKS = 12
+DEFAULT_NVLINK_SPEED_MBPS = 25781
 FAULT_CALLS = (*BACKEND_CALLS, DEVICE_CALL, *FIELD_NAMES, "any")
 
 
@@ -491,6 +619,135 @@ class _Parser:
             gpu=target,
         )
 
+    # --- health and topology keys -----------------------------------------------------------------
+
+    def boolean(self, node: Any, path: str) -> bool:
+        if not isinstance(node, bool):
+            raise self.fail(path, f"expected true or false, got {node!r}")
+        return node
+
+    def choice(self, node: Any, path: str, allowed: Mapping[str, int]) -> int:
+        if not isinstance(node, str) or node.lower() not in allowed:
+            raise self.fail(path, f"{node!r} is not allowed; allowed values: {', '.join(allowed)}")
+        return allowed[node.lower()]
+
+    def health(self, node: dict, path: str, trace: Callable[..., Trace], total: int) -> Health:
+        def ratio(v: Any, p: str) -> float:
+            return self.number(v, p, 0.0, 1.0)
+
+        reserved = 0
+        if "memory_reserved" in node:
+            key = _join(path, "memory_reserved")
+            reserved = int(self.convert(node["memory_reserved"], key, parse_bytes))
+            if reserved > total:
+                raise self.fail(key, "exceeds memory_total")
+        rows = self.mapping(node.get("remapped_rows", {}), _join(path, "remapped_rows"), _REMAPPED_ROWS_KEYS)
+        rows_path = _join(path, "remapped_rows")
+        remapped = RemappedRows(
+            correctable=self.integer(rows.get("correctable", 0), _join(rows_path, "correctable")),
+            uncorrectable=self.integer(rows.get("uncorrectable", 0), _join(rows_path, "uncorrectable")),
+            pending=self.boolean(rows.get("pending", False), _join(rows_path, "pending")),
+            failed=self.boolean(rows.get("failed", False), _join(rows_path, "failed")),
+        )
+        reasons = 0
+        reasons_path = _join(path, "clock_event_reasons")
+        for i, name in enumerate(self.sequence(node.get("clock_event_reasons", []), reasons_path)):
+            reasons |= self.choice(name, f"{reasons_path}[{i}]", CLOCK_EVENT_REASONS)
+        return Health(
+            fan_speed=trace("fan_speed", ratio, 0.3),
+            memory_temperature_celsius=trace("memory_temperature_celsius", lambda v, p: self.number(v, p), 45.0),
+            pcie_replay_errors_per_second=trace(
+                "pcie_replay_errors_per_second", lambda v, p: self.number(v, p, 0.0), 0.0
+            ),
+            encoder_utilization=trace("encoder_utilization", ratio, 0.0),
+            decoder_utilization=trace("decoder_utilization", ratio, 0.0),
+            memory_reserved_bytes=reserved,
+            remapped_rows=remapped,
+            retired_pages_pending=self.boolean(
+                node.get("retired_pages_pending", False), _join(path, "retired_pages_pending")
+            ),
+            clock_event_reasons=reasons,
+        )
+
+    def topology(self, node: dict, path: str) -> Topology:
+        link_path = _join(path, "pcie_link")
+        link = self.mapping(node.get("pcie_link", {}), link_path, _PCIE_LINK_KEYS)
+
+        def generation(key: str, default: int) -> int:
+            value = self.integer(link.get(key, default), _join(link_path, key), 1)
+            if value > 6:
+                raise self.fail(_join(link_path, key), f"{value} is above the maximum 6 (PCIe 6.0)")
+            return value
+
+        def width(key: str, default: int) -> int:
+            value = self.integer(link.get(key, default), _join(link_path, key), 1)
+            if value not in PCIE_WIDTHS:
+                raise self.fail(
+                    _join(link_path, key), f"x{value} is not a PCIe width; allowed values: {PCIE_WIDTHS}"
+                )
+            return value
+
+        max_generation = generation("max_generation", DEFAULT_PCIE_LINK.max_generation)
+        max_width = width("max_width", DEFAULT_PCIE_LINK.max_width)
+        pcie = PcieLink(
+            generation=generation("generation", max_generation),
+            width=width("width", max_width),
+            max_generation=max_generation,
+            max_width=max_width,
+            gpu_max_generation=generation("gpu_max_generation", max_generation),
+        )
+        for key, current, most in (
+            ("generation", pcie.generation, pcie.max_generation),
+            ("width", pcie.width, pcie.max_width),
+            ("max_generation", pcie.max_generation, pcie.gpu_max_generation),
+        ):
+            if current > most:
+                raise self.fail(_join(link_path, key), f"{current} is above the link's maximum {most}")
+
+        nv_path = _join(path, "nvlink_links")
+        nv = self.mapping(node.get("nvlink_links", {}), nv_path, _NVLINK_KEYS)
+        count = self.integer(nv.get("count", DEFAULT_NVLINK_LINKS), _join(nv_path, "count"))
+        if count > NVLINK_MAX_LINKS:
+            raise self.fail(_join(nv_path, "count"), f"{count} is above the maximum {NVLINK_MAX_LINKS}")
+        speed = self.integer(nv.get("speed_mbps", DEFAULT_NVLINK_SPEED_MBPS), _join(nv_path, "speed_mbps"), 1)
+
+        def link_index(value: Any, where: str) -> int:
+            index = self.integer(value, where)
+            if index >= count:
+                raise self.fail(where, f"no link {index}; the GPU has {count} (links 0..{count - 1})")
+            return index
+
+        down = frozenset(
+            link_index(v, f"{_join(nv_path, 'down')}[{i}]")
+            for i, v in enumerate(self.sequence(nv.get("down", []), _join(nv_path, "down")))
+        )
+        speeds_path = _join(nv_path, "speeds")
+        speeds_node = nv.get("speeds", {})
+        if not isinstance(speeds_node, dict):
+            raise self.fail(speeds_path, "expected a mapping of link number to MB/s, such as {3: 12890}")
+        speeds = tuple(
+            sorted(
+                (link_index(k, _join(speeds_path, str(k))), self.integer(v, _join(speeds_path, str(k)), 1))
+                for k, v in speeds_node.items()
+            )
+        )
+
+        fabric = None
+        if "fabric" in node:
+            fabric_path = _join(path, "fabric")
+            fab = self.mapping(node["fabric"], fabric_path, _FABRIC_KEYS, required=("state",))
+            status = 0
+            if "status" in fab:
+                status_node = fab["status"]
+                success = (status_node == 0 and not isinstance(status_node, bool)) or (
+                    isinstance(status_node, str) and status_node.upper() in ("SUCCESS", "NVML_SUCCESS")
+                )
+                status = 0 if success else self.error(status_node, _join(fabric_path, "status"))
+                if status is None:
+                    raise self.fail(_join(fabric_path, "status"), "a fabric status cannot hang")
+            fabric = Fabric(self.choice(fab["state"], _join(fabric_path, "state"), FABRIC_STATES), status)
+        return Topology(pcie, NvlinkLinks(count, speed, down, speeds), fabric)
+
     def gpu(self, node: Any, path: str, index: int, gpu_count: int) -> tuple[FakeGpu, tuple[Fault, ...]]:
         self.mapping(node, path, _GPU_KEYS | _GPM_KEYS, required=("model", "memory_total"))
 
@@ -618,16 +875,15 @@ class _Parser:
             processes_from_cuda_visible_devices=discover,
             process_memory_bytes=process_memory,
             gpm=self.gpm(node, path, trace, ratio),
+            health=self.health(node, path, trace, total),
+            topology=self.topology(node, path),
         )
         return gpu, tuple(faults)
 
     def gpm(
         self, node: dict, path: str, trace: Callable[..., Trace], ratio: Callable[[Any, str], float]
     ) -> FakeGpm | None:
-        enabled = node.get("gpm", False)
-        if not isinstance(enabled, bool):
-            raise self.fail(_join(path, "gpm"), f"expected true or false, got {enabled!r}")
-        if not enabled:
+        if not self.boolean(node.get("gpm", False), _join(path, "gpm")):
             for key in GPM_TRACE_KEYS:
                 if key in node:
                     raise self.fail(_join(path, key), "a GPM trace needs gpm: true on this GPU (Hopper and later)")
@@ -848,6 +1104,7 @@ class FakeBackend:
             "processes", lambda: tuple(GpuProcess(p.pid, p.memory_bytes, p.user) for p in running)
         )
         gpm = read("gpm", lambda: self._gpm(index, gpu, t)) if gpu.gpm is not None else None
+        health = _read_health(gpu, t, read)
         return GpuSample(
             index=index,
             uuid=gpu.uuid,
@@ -871,6 +1128,7 @@ class FakeBackend:
             nvlink_rx_bytes_total=nvlink[1] if nvlink is not None else None,
             processes=processes,
             gpm=gpm,
+            **health,
             field_errors=tuple(fields.errors),
         )
 
@@ -882,6 +1140,24 @@ class FakeBackend:
         if previous is None:
             return None
         return GpmSample(**{name: gpm_trace(gpu, trace).mean(previous, t) for name, trace in GPM_FIELDS})
+
+
+def _read_health(gpu: FakeGpu, t: float, read: Callable[[str, Callable[[], Any]], Any]) -> dict[str, Any]:
+    """The health fields of a sample, each read (and failed) on its own like NVML's separate calls."""
+    h = gpu.health
+    return {
+        "fan_speed_ratio": read("fan_speed", lambda: h.fan_speed.value_at(t)),
+        "memory_temperature_celsius": read("memory_temperature", lambda: h.memory_temperature_celsius.value_at(t)),
+        # Energy since the driver loaded (scenario time 0): the exact integral of the power trace.
+        "energy_joules_total": read("energy", lambda: gpu.power_watts.integral(t)),
+        "pcie_replay_errors_total": read("pcie_replay", lambda: int(h.pcie_replay_errors_per_second.integral(t))),
+        "encoder_utilization_ratio": read("encoder_utilization", lambda: h.encoder_utilization.value_at(t)),
+        "decoder_utilization_ratio": read("decoder_utilization", lambda: h.decoder_utilization.value_at(t)),
+        "memory_reserved_bytes": read("memory_reserved", lambda: h.memory_reserved_bytes),
+        "remapped_rows": read("remapped_rows", lambda: h.remapped_rows),
+        "retired_pages_pending": read("retired_pages", lambda: h.retired_pages_pending),
+        "clock_event_reasons": read("clock_events", lambda: h.clock_event_reasons),
+    }
 
 
 def fake_from_mapping(document: Mapping[str, Any], clock: Clock | None = None) -> FakeBackend:

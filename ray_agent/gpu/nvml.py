@@ -24,6 +24,7 @@ from ray_agent.gpu.base import (
     GpuError,
     GpuProcess,
     GpuSample,
+    RemappedRows,
 )
 
 T = TypeVar("T")
@@ -48,8 +49,6 @@ _GPM_METRICS: tuple[tuple[str, int, Callable[[float], float]], ...] = (
     ("nvlink_tx_bytes_per_second", pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC, lambda v: v * _MIB),
     ("nvlink_rx_bytes_per_second", pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC, lambda v: v * _MIB),
 )
-# A support query failing with these means "no GPM here" (pre-Hopper GPU, or a driver without GPM calls).
-_GPM_ABSENT = frozenset({NVML_ERROR_CODES["NOT_SUPPORTED"], NVML_ERROR_CODES["FUNCTION_NOT_FOUND"]})
 
 
 def _nvml(call: str, fn: Callable[..., T], *args: Any) -> T:
@@ -57,6 +56,39 @@ def _nvml(call: str, fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     except pynvml.NVMLError as err:
         raise GpuError(int(err.value), call=call, detail=str(err)) from None
+
+
+# The symbol is missing from this driver's libnvidia-ml (an older driver): for a health field that means
+# "not supported here", not a broken library, so it is turned into NOT_SUPPORTED for that field alone.
+_FUNCTION_NOT_FOUND = NVML_ERROR_CODES["FUNCTION_NOT_FOUND"]
+_NOT_SUPPORTED = NVML_ERROR_CODES["NOT_SUPPORTED"]
+# A GPM support query failing with these means "no GPM here" (pre-Hopper GPU, or a driver without GPM calls).
+_GPM_ABSENT = frozenset({_NOT_SUPPORTED, _FUNCTION_NOT_FOUND})
+# nvmlValueType_t -> the member of nvmlFieldValue_t.value holding it.
+_VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
+
+def _nvml_optional(call: str, fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return _nvml(call, fn, *args)
+    except GpuError as err:
+        if err.code == _FUNCTION_NOT_FOUND:
+            raise GpuError(_NOT_SUPPORTED, call=call, detail=f"not in this driver's NVML: {err.detail}") from None
+        raise
+
+
+def _field_values(call: str, handle: Any, ids: list[tuple[int, int]]) -> list[float | int]:
+    """nvmlDeviceGetFieldValues for (field id, scope id) pairs; a value that failed fails the whole field."""
+    values = _nvml(call, pynvml.nvmlDeviceGetFieldValues, handle, ids)
+    result = []
+    for value in values:
+        if value.nvmlReturn != pynvml.NVML_SUCCESS:
+            raise GpuError(int(value.nvmlReturn), call=call)
+        member = _VALUE_MEMBERS.get(int(value.valueType))
+        if member is None:
+            raise GpuError(_NOT_SUPPORTED, call=call, detail=f"unknown value type {value.valueType}")
+        result.append(getattr(value.value, member))
+    return result
 
 
 def _text(value: bytes | str) -> str:
@@ -177,6 +209,7 @@ class NvmlBackend:
         nvlink = fields.read("nvlink", lambda: self._read_nvlink(handle))
         processes = fields.read("processes", lambda: self._read_processes(handle))
         gpm = fields.read("gpm", lambda: self._read_gpm(device))
+        health = _read_health(handle, fields)
 
         return GpuSample(
             index=index,
@@ -201,6 +234,7 @@ class NvmlBackend:
             nvlink_rx_bytes_total=nvlink[1] if nvlink is not None else None,
             processes=processes,
             gpm=gpm,
+            **health,
             field_errors=tuple(fields.errors),
         )
 
@@ -246,11 +280,8 @@ class NvmlBackend:
             (pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, _ALL_LINKS),
             (pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, _ALL_LINKS),
         ]
-        values = _nvml("nvlink", pynvml.nvmlDeviceGetFieldValues, handle, ids)
-        for value in values:
-            if value.nvmlReturn != pynvml.NVML_SUCCESS:
-                raise GpuError(int(value.nvmlReturn), call="nvlink")
-        return int(values[0].value.ullVal) * _KIB, int(values[1].value.ullVal) * _KIB
+        tx, rx = _field_values("nvlink", handle, ids)
+        return int(tx) * _KIB, int(rx) * _KIB
 
     @staticmethod
     def _read_processes(handle: Any) -> tuple[GpuProcess, ...]:
@@ -313,3 +344,57 @@ class NvmlBackend:
             if err.code in _GPM_ABSENT:
                 return False
             raise
+
+
+# --- health fields ---------------------------------------------------------------------------------
+
+
+def _clock_event_reasons(handle: Any) -> int:
+    # nvmlDeviceGetCurrentClocksEventReasons replaced ...ThrottleReasons (same bits) in driver 535.
+    current = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+    if current is not None:
+        try:
+            return int(_nvml("clock_events", current, handle))
+        except GpuError as err:
+            if err.code != _FUNCTION_NOT_FOUND:
+                raise
+    return int(_nvml_optional("clock_events", pynvml.nvmlDeviceGetCurrentClocksThrottleReasons, handle))
+
+
+def _remapped_rows(handle: Any) -> RemappedRows:
+    correctable, uncorrectable, pending, failed = _nvml_optional(
+        "remapped_rows", pynvml.nvmlDeviceGetRemappedRows, handle
+    )
+    return RemappedRows(int(correctable), int(uncorrectable), bool(pending), bool(failed))
+
+
+def _read_health(handle: Any, fields: FieldCollector) -> dict[str, Any]:
+    """The health fields of a sample, keyed by GpuSample attribute; each call fails on its own."""
+
+    def read(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        return fields.read(name, lambda: _nvml_optional(name, fn, handle, *args))
+
+    fan = read("fan_speed", pynvml.nvmlDeviceGetFanSpeed)
+    memory_temperature = fields.read(
+        "memory_temperature",
+        lambda: _field_values("memory_temperature", handle, [(pynvml.NVML_FI_DEV_MEMORY_TEMP, 0)])[0],
+    )
+    energy_mj = read("energy", pynvml.nvmlDeviceGetTotalEnergyConsumption)
+    replays = read("pcie_replay", pynvml.nvmlDeviceGetPcieReplayCounter)
+    encoder = read("encoder_utilization", pynvml.nvmlDeviceGetEncoderUtilization)
+    decoder = read("decoder_utilization", pynvml.nvmlDeviceGetDecoderUtilization)
+    memory = read("memory_reserved", pynvml.nvmlDeviceGetMemoryInfo, pynvml.nvmlMemory_v2)
+    pending_pages = read("retired_pages", pynvml.nvmlDeviceGetRetiredPagesPendingStatus)
+    return {
+        "fan_speed_ratio": fan / 100.0 if fan is not None else None,
+        "memory_temperature_celsius": float(memory_temperature) if memory_temperature is not None else None,
+        "energy_joules_total": energy_mj / 1000.0 if energy_mj is not None else None,
+        "pcie_replay_errors_total": int(replays) if replays is not None else None,
+        # [utilisation %, sampling period in microseconds]
+        "encoder_utilization_ratio": encoder[0] / 100.0 if encoder is not None else None,
+        "decoder_utilization_ratio": decoder[0] / 100.0 if decoder is not None else None,
+        "memory_reserved_bytes": int(memory.reserved) if memory is not None else None,
+        "remapped_rows": fields.read("remapped_rows", lambda: _remapped_rows(handle)),
+        "retired_pages_pending": bool(pending_pages) if pending_pages is not None else None,
+        "clock_event_reasons": fields.read("clock_events", lambda: _clock_event_reasons(handle)),
+    }

@@ -9,20 +9,19 @@ import os
 from pathlib import Path
 
 import pytest
+import required
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
-from required import missing
 
 from agent.support import SCENARIOS, fake_sampler, http_get, metric_lines, sample_value
 from ray_agent.cli import build_agent
 from ray_agent.clock import FakeClock
 from ray_agent.config import ExporterConfig, load_config
-from ray_agent.exporter import SnapshotCollector
+from ray_agent.exporter import DCGM_NOT_FROM_NVML, SnapshotCollector
 from ray_agent.server import MetricsServer
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 UPDATE = os.environ.get("RAYRACK_UPDATE_GOLDEN") == "1"
 
 
@@ -97,12 +96,16 @@ def test_golden_content_follows_the_rules() -> None:
         'device="nvidia0"',
         'modelName="NVIDIA A100-SXM4-80GB"',
         'Hostname="node-a"',
+        'hostname="node-a"',
         'DCGM_FI_DRIVER_VERSION="550.54.15"',
     ):
         assert label in line
     assert line.endswith(" 75.0")
     assert sample_value(dcgm, "DCGM_FI_DEV_FB_USED", gpu="0") == 21 * 1024
+    # dcgm's meaning: a gauge holding the last XID code (0 when there was none), not a count.
+    assert "# TYPE DCGM_FI_DEV_XID_ERRORS gauge" in dcgm
     assert sample_value(dcgm, "DCGM_FI_DEV_XID_ERRORS", gpu="0") == 79
+    assert sample_value(dcgm, "DCGM_FI_DEV_XID_ERRORS", gpu="1") == 0
     # GPM: the mean between the two collections, only where the GPU has GPM; nothing counted elsewhere.
     assert sample_value(body, "rayrack_gpu_sm_active_ratio", gpu="3") == pytest.approx(0.02)
     assert sample_value(body, "rayrack_gpu_tensor_active_ratio", gpu="3") == pytest.approx(0.26)
@@ -114,6 +117,30 @@ def test_golden_content_follows_the_rules() -> None:
     assert sample_value(dcgm, "DCGM_FI_PROF_GR_ENGINE_ACTIVE", gpu="3") == 1.0
     assert sample_value(dcgm, "DCGM_FI_PROF_PCIE_TX_BYTES", gpu="3") == 3 * 2**20
     assert sample_value(dcgm, "DCGM_FI_PROF_SM_ACTIVE", gpu="0") is None
+
+
+def test_golden_health_fields() -> None:
+    """Health fields in base units natively, in dcgm's units with compat; unsupported ones absent."""
+    body = (GOLDEN / "native.prom").read_text()
+    assert sample_value(body, "rayrack_gpu_fan_speed_ratio", gpu="0") == 0.42
+    assert sample_value(body, "rayrack_gpu_fan_speed_ratio", gpu="1") is None
+    assert sample_value(body, "rayrack_gpu_memory_temperature_celsius", gpu="0") == 61
+    # 12 s of scenario time at 250.5 W; replays at 0.5/s.
+    assert sample_value(body, "rayrack_gpu_energy_joules_total", gpu="0") == 250.5 * 12
+    assert sample_value(body, "rayrack_gpu_pcie_replay_errors_total", gpu="0") == 6
+    assert sample_value(body, "rayrack_gpu_memory_reserved_bytes", gpu="0") == 527 * 2**20
+    assert sample_value(body, "rayrack_gpu_remapped_rows_total", gpu="0", kind="uncorrectable") == 1
+    assert sample_value(body, "rayrack_gpu_row_remap_pending", gpu="0") == 1
+    assert sample_value(body, "rayrack_gpu_row_remap_pending", gpu="1") is None
+    assert sample_value(body, "rayrack_gpu_clock_event_active", gpu="0", reason="sw_power_cap") == 1
+    assert sample_value(body, "rayrack_gpu_clock_event_active", gpu="0", reason="hw_slowdown") == 0
+    dcgm = (GOLDEN / "dcgm_compat.prom").read_text()
+    assert sample_value(dcgm, "DCGM_FI_DEV_FAN_SPEED", gpu="0") == 42
+    assert sample_value(dcgm, "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", gpu="0") == 250.5 * 12 * 1000
+    assert sample_value(dcgm, "DCGM_FI_DEV_FB_RESERVED", gpu="0") == 527
+    assert sample_value(dcgm, "DCGM_FI_DEV_ENC_UTIL", gpu="0") == 10
+    assert sample_value(dcgm, "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", gpu="0") == 0x4 | 0x20
+    assert sample_value(dcgm, "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", gpu="0") == 1
 
 
 def render(sampler, clock, stale_after: float = 10.0, **config: object) -> str:
@@ -178,9 +205,7 @@ def test_recovered_gpu_series_return() -> None:
 def test_dcgm_profiling_fields_have_dcgm_exporters_types_and_help() -> None:
     """Each DCGM_FI_PROF_* family is typed and described as in dcgm-exporter's own counter list (its lines
     commented out there are fields it knows but does not collect by default; an active line wins)."""
-    csv = SHARED / "fixtures" / "gpu-ecosystem" / "counters" / "dcgm-exporter-dcp-metrics-included.csv"
-    if not csv.is_file():
-        missing(f"{csv} (the shared fixtures)")
+    csv = required.ecosystem("counters/dcgm-exporter-dcp-metrics-included.csv")
     active: dict[str, tuple[str, str]] = {}
     known: dict[str, tuple[str, str]] = {}
     for line in csv.read_text(encoding="utf-8").splitlines():
@@ -204,3 +229,38 @@ def test_dcgm_profiling_fields_have_dcgm_exporters_types_and_help() -> None:
         assert documentation == theirs[name][1], name
         compared += 1
     assert compared >= 7
+
+
+def dcgm_default_counters() -> list[tuple[str, str]]:
+    """(field, type) of every active line of dcgm-exporter's default-counters.csv."""
+    fields = []
+    counters = required.ecosystem("counters/dcgm-exporter-default-counters.csv")
+    for line in counters.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, kind, _ = (part.strip() for part in line.split(",", 2))  # the file has "DCGM_FI_DEV_DEC_UTIL ,"
+        fields.append((name, kind))
+    return fields
+
+
+def test_every_dcgm_default_counter_is_exported() -> None:
+    """With dcgm_compat, GPU 0 of the golden scenario (every field set) has each default dcgm-exporter field,
+    except those NVML cannot supply with dcgm's meaning (listed, with reasons, in the exporter); the profiling
+    fields (GPM, Hopper and later) are on its H100, GPU 3."""
+    fields = dcgm_default_counters()
+    assert len(fields) > 20 and ("DCGM_FI_DEV_DEC_UTIL", "gauge") in fields
+    body = served_metrics(dcgm_compat=True)
+    missing = []
+    for name, kind in fields:
+        if name in DCGM_NOT_FROM_NVML:
+            continue
+        if kind == "label":
+            present = f'{name}="' in metric_lines(body, "DCGM_FI_DEV_GPU_UTIL")[0]
+        else:
+            gpu = "3" if name.startswith("DCGM_FI_PROF_") else "0"
+            present = sample_value(body, name, gpu=gpu) is not None
+        if not present:
+            missing.append(name)
+    assert not missing, f"not exported: {missing}"
+    assert set(DCGM_NOT_FROM_NVML) <= {name for name, _ in fields}
+    assert not [name for name in DCGM_NOT_FROM_NVML if metric_lines(body, name)]

@@ -8,7 +8,8 @@ Measures, all on 127.0.0.1 with the fake backend:
      /proc/<pid>/stat. Goal: <= 1 % of one core.
   4. /metrics p99 latency while one GPU hangs for 60 s, against a healthy agent. Goal: ratio <= 2.
   5. Peers on one simulated 8-GPU node (the simulated libnvidia-ml.so.1, `make nvml-sim`, serving the
-     demo-8gpu scenario): the agent with its NVML backend, nvitop-exporter and a `ray start --head
+     demo-8gpu scenario; with `--nvml real`, or `make bench-agent BENCH_AGENT_NVML=real`, this machine's own
+     GPUs through its libnvidia-ml.so.1): the agent with its NVML backend, nvitop-exporter and a `ray start --head
      --num-gpus 8` node's metrics endpoint (Ray's dashboard agent, which reads GPUs through pynvml too), all
      running at once with a 1 s collection interval. For each: CPU per scrape (a burst of scrapes, less the
      process's idle CPU over the same time), idle CPU share and RSS, with the ratios peer / ours.
@@ -18,6 +19,7 @@ Exits 0 whatever the outcome; each line says PASS or MISS.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -272,7 +274,7 @@ def bench_process_footprint(workdir: Path) -> None:
     report("RSS of the agent at 8 GPUs", f"{rss / 2**20:.1f} MiB", "<= 60 MiB", rss <= 60 * 2**20)
 
 
-# --- 5. peers on simulated GPUs ---------------------------------------------------------------------
+# --- 5. peers on simulated (or real) GPUs ---------------------------------------------------------------------
 
 PEER_BURST_SCRAPES = 40
 PEER_IDLE_SECONDS = 10.0
@@ -333,7 +335,8 @@ def stop_tree(root: subprocess.Popen) -> None:
     root.wait()
 
 
-def bench_peers(workdir: Path) -> None:
+def simulated_node(workdir: Path) -> tuple[dict[str, str], int, bytes]:
+    """The simulated 8-GPU node: (environment naming the library and scenario, GPU count, model name)."""
     library = REPO / "build" / "nvml-sim" / "libnvidia-ml.so.1"
     subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "nvml-sim"], check=True, stdout=subprocess.DEVNULL)
     config = workdir / "nvml-sim.conf"
@@ -343,7 +346,36 @@ def bench_peers(workdir: Path) -> None:
         check=True,
     )
     env = {**os.environ, "LD_LIBRARY_PATH": str(library.parent), "RAYRACK_NVML_SCENARIO": str(config)}
+    return env, 8, b"A100-SXM4-80GB"
+
+
+def real_node() -> tuple[dict[str, str], int, bytes]:
+    """This machine's own GPUs through the system's libnvidia-ml.so.1."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)) if count else ""
+    finally:
+        pynvml.nvmlShutdown()
+    if not count:
+        raise RuntimeError("the system's NVML lists no GPU")
+    env = {key: value for key, value in os.environ.items() if key != "RAYRACK_NVML_SCENARIO"}
+    return env, count, (name.decode() if isinstance(name, bytes) else name).encode()
+
+
+def bench_peers(workdir: Path, nvml: str) -> None:
+    env, count, model = simulated_node(workdir) if nvml == "sim" else real_node()
+    what = f"{count} {'simulated' if nvml == 'sim' else 'real'} GPUs"
+    last = str(count - 1).encode()
     bin_dir = Path(sys.executable).parent
+    # A peer that is not installed is a MISS line, not the end of the benchmark (a GPU machine may lack Ray).
+    commands = {name: shutil.which(name, path=f"{bin_dir}:{os.environ.get('PATH', '')}")
+                for name in ("ray", "nvitop-exporter")}
+    for name, command in commands.items():
+        if command is None:
+            report(f"{what}: ray-agent vs {name}", "not installed", "a peer to compare with", False)
     nvitop_port, ray_metrics_port = free_port(), free_port()
     started: list[subprocess.Popen] = []
     ours = None
@@ -351,37 +383,39 @@ def bench_peers(workdir: Path) -> None:
     ray_log = (workdir / "ray-start.log").open("wb")
     try:
         # Ray first: it takes longest to come up.
-        started.append(
-            subprocess.Popen(
-                [str(bin_dir / "ray"), "start", "--head", "--block", "--num-gpus", "8", "--num-cpus", "1",
-                 "--port", str(free_port()), "--metrics-export-port", str(ray_metrics_port),
-                 "--dashboard-port", str(free_port()), "--include-dashboard", "false",
-                 "--temp-dir", str(ray_dir), "--disable-usage-stats"],
-                env=env, stdout=ray_log, stderr=subprocess.STDOUT, start_new_session=True,
+        if commands["ray"]:
+            started.append(
+                subprocess.Popen(
+                    [commands["ray"], "start", "--head", "--block", "--num-gpus", str(count), "--num-cpus", "1",
+                     "--port", str(free_port()), "--metrics-export-port", str(ray_metrics_port),
+                     "--dashboard-port", str(free_port()), "--include-dashboard", "false",
+                     "--temp-dir", str(ray_dir), "--disable-usage-stats"],
+                    env=env, stdout=ray_log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
             )
-        )
-        started.append(
-            subprocess.Popen(
-                [str(bin_dir / "nvitop-exporter"), "--bind-address", "127.0.0.1", "--port", str(nvitop_port),
-                 "--interval", "1"],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        if commands["nvitop-exporter"]:
+            started.append(
+                subprocess.Popen(
+                    [commands["nvitop-exporter"], "--bind-address", "127.0.0.1", "--port", str(nvitop_port),
+                     "--interval", "1"],
+                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
             )
-        )
         ours = Agent(workdir, "peers", None, "1s", env=env)
-        nvitop_url = f"http://127.0.0.1:{nvitop_port}/metrics"
-        ray_url = f"http://127.0.0.1:{ray_metrics_port}/metrics"
-        wait_for(ours.url, b'rayrack_gpu_up{gpu="7"', "ray-agent", 30)
-        wait_for(nvitop_url, b'index="7"', "nvitop-exporter", 60)
-        wait_for(ray_url, b'GpuIndex="7"', "ray", PEER_START_SECONDS)
-        peers = [
-            Peer("ray-agent", ours.url, psutil.Process(ours.process.pid)),
-            Peer("nvitop-exporter", nvitop_url, listener(nvitop_port)),
-            Peer("ray (dashboard agent)", ray_url, listener(ray_metrics_port)),
-        ]
-        # Every endpoint reads the simulated GPUs through NVML: the scenario's model and GPU 6's idle holder.
+        wait_for(ours.url, b'rayrack_gpu_up{gpu="' + last, "ray-agent", 30)
+        peers = [Peer("ray-agent", ours.url, psutil.Process(ours.process.pid))]
+        if commands["nvitop-exporter"]:
+            nvitop_url = f"http://127.0.0.1:{nvitop_port}/metrics"
+            wait_for(nvitop_url, b'index="' + last, "nvitop-exporter", 60)
+            peers.append(Peer("nvitop-exporter", nvitop_url, listener(nvitop_port)))
+        if commands["ray"]:
+            ray_url = f"http://127.0.0.1:{ray_metrics_port}/metrics"
+            wait_for(ray_url, b'GpuIndex="' + last, "ray", PEER_START_SECONDS)
+            peers.append(Peer("ray (dashboard agent)", ray_url, listener(ray_metrics_port)))
+        # Every endpoint reads the GPUs through NVML: the model's name, or our GPU identity series.
         for peer in peers:
             body = urllib.request.urlopen(peer.url, timeout=30).read()
-            assert b"A100-SXM4-80GB" in body or b'rayrack_gpu_info{' in body, f"{peer.name}: no simulated GPUs"
+            assert model in body or b"rayrack_gpu_info{" in body, f"{peer.name}: no {what}"
         time.sleep(2)
         idle_before = [p.cpu() for p in peers]
         time.sleep(PEER_IDLE_SECONDS)
@@ -412,7 +446,7 @@ def bench_peers(workdir: Path) -> None:
     for peer, per_scrape, _, rss, _ in results[1:]:
         cpu_ratio = per_scrape / max(base[1], 1e-9)
         report(
-            f"8 simulated GPUs: ray-agent vs {peer.name}",
+            f"{what}: ray-agent vs {peer.name}",
             f"CPU/scrape {base[1] * 1e3:.2f} vs {per_scrape * 1e3:.2f} ms (ratio {cpu_ratio:.2f}), "
             f"RSS {base[3] / 2**20:.0f} vs {rss / 2**20:.0f} MiB (ratio {rss / base[3]:.2f})",
             "ours <= peer on both",
@@ -420,14 +454,19 @@ def bench_peers(workdir: Path) -> None:
         )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="ray-agent benchmark (see the module's docstring)")
+    parser.add_argument("--nvml", choices=("sim", "real"), default="sim",
+                        help="the peers' GPUs: the simulated library's demo-8gpu (default), or this machine's own "
+                             "through its libnvidia-ml.so.1")
+    args = parser.parse_args(argv)
     started = time.monotonic()
-    print(f"ray-agent benchmark, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs", flush=True)
+    print(f"ray-agent benchmark, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, NVML {args.nvml}", flush=True)
     bench_scrape_cost()
     with tempfile.TemporaryDirectory(prefix="ray-agent-bench-") as tmp:
         bench_hang_latency(Path(tmp))
         bench_process_footprint(Path(tmp))
-        bench_peers(Path(tmp))
+        bench_peers(Path(tmp), args.nvml)
     missed = [name for name, _, ok in RESULTS if not ok]
     print(
         f"{len(RESULTS) - len(missed)} of {len(RESULTS)} goals met in {time.monotonic() - started:.0f} s"

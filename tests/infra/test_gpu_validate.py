@@ -1,5 +1,6 @@
-"""gpu_validate's parsers on real nvidia-smi outputs (tests/infra/data/nvidia-smi/*/SOURCE names each origin),
-its comparison with the shipped profiles, and the whole module path against the lab's nvidia-smi stand-in."""
+"""gpu_validate's parsers (rayrack/gpu_check.py, the role's module_utils) on real nvidia-smi outputs
+(tests/infra/data/nvidia-smi/*/SOURCE names each origin), its comparison with the shipped profiles, and the whole
+module path, packed by Ansible, against the lab's nvidia-smi stand-in."""
 
 import json
 import os
@@ -8,14 +9,29 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from .conftest import REPO, ROLES, load_module
+from rayrack import gpu_check as gv
 
-gv = load_module(ROLES / "gpu_validate" / "library" / "gpu_validate.py", "gpu_validate_module")
+from .conftest import REPO, ROLES
+
 DATA = Path(__file__).parent / "data" / "nvidia-smi"
-PROFILES = yaml.safe_load((ROLES / "gpu_validate" / "vars" / "main.yml").read_text())["_gpu_validate_shipped_profiles"]
+PROFILES = gv.load_profiles()
 STANDIN = REPO / "molecule" / "gpu" / "files" / "nvidia-smi-standin"
+
+
+def run_module(args: dict, env: dict | None = None) -> dict:
+    """gpu_validate run by `ansible localhost -m`: AnsiballZ packs the module with its module_utils."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible"), "localhost", "-i", "localhost,", "-c", "local",
+         "-e", f"ansible_python_interpreter={sys.executable}", "-m", "gpu_validate", "-a", json.dumps(args)],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, **(env or {}), "ANSIBLE_LIBRARY": str(ROLES / "gpu_validate" / "library"),
+             "ANSIBLE_MODULE_UTILS": str(ROLES / "gpu_validate" / "module_utils"), "ANSIBLE_STDOUT_CALLBACK": "json",
+             "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_LOCALHOST_WARNING": "0"})
+    assert proc.stdout.strip(), proc.stderr
+    result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    assert "module_stderr" not in result and "Traceback" not in json.dumps(result), result
+    return result
 
 
 def read(machine, name):
@@ -75,7 +91,7 @@ def test_nvlink_status_with_inactive_links_fails_the_profile():
     status = gv.parse_nvlink_status(read("dgx1-v100", "nvlink-status.txt"))
     assert status[3]["links"] == {0: 25.781, 1: 25.781, 2: 25.781, 3: None, 4: 25.781, 5: None}
     diffs = gv.compare({"gpus": [], "nvlink": status}, {"nvlink": {"links_per_gpu": 6, "min_link_gbps": 25.0}})
-    assert [(d["check"], d["gpu"], d["found"]) for d in diffs] == [
+    assert [(d["check"], d["gpu"], d["observed"]) for d in diffs] == [
         ("NVLink inactive", "GPU3", "links 3, 5 inactive"), ("NVLink active links", "GPU3", "4")]
 
 
@@ -96,7 +112,7 @@ def test_dcgmi_diag_level_one_results():
     assert results["Persistence Mode"] == "Pass" and results["Driver Version Detected"] == "535.129.03"
     assert gv.compare({"gpus": [], "dcgm": results}, {}) == []
     results["Page Retirement/Row Remap"] = "Fail"
-    assert gv.compare({"gpus": [], "dcgm": results}, {})[0]["found"] == "Page Retirement/Row Remap: Fail"
+    assert gv.compare({"gpus": [], "dcgm": results}, {})[0]["observed"] == "Page Retirement/Row Remap: Fail"
 
 
 def h100_node(**overrides):
@@ -139,7 +155,7 @@ def test_missing_gpu_and_wrong_model():
     node = h100_node(gpus=h100_node()["gpus"][:7])
     node["gpus"][0]["name"] = "NVIDIA A100-SXM4-80GB"
     diffs = gv.compare(node, PROFILES["hgx-h100-8"])
-    assert ("count", "8", "7") in {(d["check"], d["expected"], d["found"]) for d in diffs}
+    assert ("count", "8", "7") in {(d["check"], d["expected"], d["observed"]) for d in diffs}
     assert any(d["check"] == "model" and d["gpu"] == "GPU0" for d in diffs)
 
 
@@ -150,10 +166,13 @@ def test_auto_picks_the_shipped_profile(name, count, profile):
     assert gv.select_profile("auto", PROFILES, [{"name": name}] * count)[0] == profile
 
 
-def test_no_matching_profile_says_what_to_set():
-    with pytest.raises(ValueError, match="no GPU profile matches 3 x NVIDIA L40S; set gpu_validate_profile"):
-        gv.select_profile("auto", PROFILES, [{"name": "NVIDIA L40S"}] * 3)
-    with pytest.raises(ValueError, match="no profile named 'dgx'"):
+def test_no_matching_profile_leaves_the_self_consistency_checks():
+    assert gv.select_profile("auto", PROFILES, [{"name": "NVIDIA L40S"}] * 3) == (None, {})
+    report = gv.check({"gpus": [{"index": str(i), "name": "NVIDIA L40S"} for i in range(3)]}, "auto", PROFILES)
+    assert report["ok"] is True and report["profile"] is None
+    assert [(f["severity"], f["check"], f["observed"]) for f in report["findings"]] == [
+        ("note", "profile", "none matches 3 x NVIDIA L40S: self-consistency checks only")]
+    with pytest.raises(ValueError, match="no GPU profile named 'dgx'"):
         gv.select_profile("dgx", PROFILES, [])
 
 
@@ -194,9 +213,7 @@ def test_module_fails_with_the_table_and_writes_the_report(standin_env):
     report = standin_env / "report.json"
     args = {"ANSIBLE_MODULE_ARGS": {"profile": "lab", "profiles": {"lab": LAB_PROFILE}, "nvidia_smi": str(STANDIN),
                                     "dcgmi": "", "report_path": str(report)}}
-    proc = subprocess.run([sys.executable, str(ROLES / "gpu_validate" / "library" / "gpu_validate.py")],
-                          input=json.dumps(args), capture_output=True, text=True, check=False)
-    result = json.loads(proc.stdout)
+    result = run_module(args["ANSIBLE_MODULE_ARGS"])
     assert result["failed"] is True
     assert "3 difference(s) from the expected GPU profile" in result["msg"]
     assert "| NVLink inactive" in result["msg"] and "links 3 inactive" in result["msg"]
@@ -206,9 +223,10 @@ def test_module_fails_with_the_table_and_writes_the_report(standin_env):
 
 def test_module_reports_a_driver_that_is_not_loaded(tmp_path):
     args = {"ANSIBLE_MODULE_ARGS": {"profiles": {"lab": LAB_PROFILE}, "nvidia_smi": str(STANDIN), "dcgmi": ""}}
-    env = dict(os.environ, PATH="/nonexistent")  # no dpkg-query: the stand-in answers like a driverless node
-    proc = subprocess.run([sys.executable, str(ROLES / "gpu_validate" / "library" / "gpu_validate.py")],
-                          input=json.dumps(args), capture_output=True, text=True, check=False, env=env)
-    result = json.loads(proc.stdout)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dpkg-query").write_text("#!/bin/sh\nexit 1\n")  # no nvidia-smi package: a driverless node
+    (bin_dir / "dpkg-query").chmod(0o755)
+    result = run_module(args["ANSIBLE_MODULE_ARGS"], {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     assert result["failed"] is True
     assert "couldn't communicate with the NVIDIA driver" in result["msg"]

@@ -101,6 +101,43 @@ def test_old_ray_is_fine_without_token_auth():
     assert errors(groups, hostvars) == []
 
 
+@pytest.mark.parametrize("value", ["auto", "3.12", "3.10"])
+def test_python_version_auto_or_a_minor_version(value):
+    groups, hostvars = cluster(head={"rayrack_python_version": value})
+    assert errors(groups, hostvars) == []
+
+
+def test_python_version_must_be_a_minor_version():
+    groups, hostvars = cluster(head={"rayrack_python_version": "3.12.1"})
+    assert errors(groups, hostvars) == [
+        "rayrack_python_version: must be auto (the head's python3) or a Python minor version 3.Y such as 3.12; "
+        "got '3.12.1' (on head)"]
+
+
+@pytest.mark.parametrize("requirement", ["torch==2.13.0+cpu", "deepspeed==0.18.1", "ray[train]==2.60.0"])
+def test_pinned_python_packages_pass(requirement):
+    groups, hostvars = cluster(head={"rayrack_python_packages": [requirement]})
+    assert errors(groups, hostvars) == []
+
+
+@pytest.mark.parametrize(("name", "requirement"), [
+    ("rayrack_python_packages", "torch"), ("rayrack_python_packages", "torch>=2.0"),
+    ("rayrack_shared_packages", "einops==0.8.1; python_version<'3.8'"), ("rayrack_shared_packages", "-e ."),
+])
+def test_unpinned_packages_are_refused_naming_the_entry(name, requirement):
+    groups, hostvars = cluster(head={name: ["numpy==2.4.6", requirement]})
+    assert errors(groups, hostvars) == [
+        f"{name}: every entry must be a pinned requirement NAME==VERSION (or NAME[extra]==VERSION) such as "
+        f"torch==2.13.0; got {requirement!r} (on head)"]
+
+
+def test_package_directory_must_be_on_the_shared_tree():
+    groups, hostvars = cluster(head={"rayrack_package_dir": "/opt/wheels"})
+    assert errors(groups, hostvars) == [
+        "rayrack_package_dir: must lie inside rayrack_shared_dir (/srv/rayrack-shared), where every node sees it; "
+        "got '/opt/wheels'"]
+
+
 @pytest.mark.parametrize("value", ["true", "yes", 1])
 def test_booleans_must_be_real(value):
     groups, hostvars = cluster(head={"rayrack_ray_auth_token_enabled": value})

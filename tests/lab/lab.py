@@ -10,16 +10,19 @@ label, the generated inventory); the cached image is kept unless `--image` is gi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import ipaddress
 import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,13 @@ MASKED_UNITS = [
 # Host keys must differ per node: the image ships none and each node makes its own at first boot.
 SSH_KEYGEN_DROPIN = "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n"
 RECIPE_VERSION = "3"
+# What researchers' jobs import on every node: Ray Train and PyTorch's CPU build (the nodes have no CUDA; PyPI's
+# default torch build pulls 3 GB of CUDA wheels). pip finds the CPU wheel through the host's own pip
+# configuration (a find-links or --extra-index-url https://download.pytorch.org/whl/cpu).
+LAB_RAY_EXTRAS = ["default", "train"]
+LAB_PYTHON_PACKAGES = ["torch==2.13.0+cpu"]
+# A small package only the shared tree's package directory offers: jobs' runtime_env pip installs it offline.
+LAB_SHARED_PACKAGES = ["einops==0.8.1"]
 # Fake GPUs per worker -> the agent's shipped scenario with that many GPUs.
 FAKE_SCENARIOS = {2: "builtin:lab-2gpu", 8: "builtin:demo-8gpu"}
 
@@ -77,6 +87,8 @@ HOST_PACKAGES = {
     "promtool": "prometheus",
     # amtool checks the alertmanager role's configuration; the tests run the real Alertmanager with it.
     "amtool": "prometheus-alertmanager",
+    # memcheck runs a C client of the simulated NVML library under it (tests/nvml_sim/test_memcheck.py).
+    "valgrind": "valgrind",
 }
 # Checked by package name, installed without Recommends (vagrant-libvirt's pull in libguestfs and an NFS
 # server): the tests only run `vagrant validate` on the Vagrantfile.
@@ -357,6 +369,9 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
     (group_vars / "lab.yml").write_text(header + json.dumps({
         "rayrack_cluster_name": lab.name,
         "rayrack_cluster_cidr": str(lab.subnet),
+        "rayrack_ray_extras": LAB_RAY_EXTRAS,
+        "rayrack_python_packages": LAB_PYTHON_PACKAGES,
+        "rayrack_shared_packages": LAB_SHARED_PACKAGES,
         # Nodes share one host's memory: keep each object store small instead of 30% of the host's RAM.
         "ray_node_object_store_memory": 256 * 1024 * 1024,
         # The shared tree is this lab's volume on every node; the head exports that same directory.
@@ -375,6 +390,10 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
         "alertmanager_group_wait": "1s",
         "alertmanager_group_interval": "10s",
         "prometheus_scrape_interval": "5s",
+        # dcgm-exporter's names and DeepOps' instance labels too, so the tests can check other projects' GPU
+        # dashboards against the lab (tests/lab/test_monitoring.py).
+        "ray_agent_dcgm_compat": True,
+        "prometheus_instance_label": "dcgm-exporter",
         # No Grafana package can be installed here: only its provisioning files are written.
         "grafana_install": False,
     }, indent=2) + "\n")
@@ -429,6 +448,53 @@ def ssh(lab: Lab, node: Node, command: str, check: bool = True, input_text: str 
     return run("ssh", "-i", str(lab.key), "-o", f"UserKnownHostsFile={lab.known_hosts}",
                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"{ADMIN_USER}@{node.ip}", command,
                check=check, capture=True, input_text=input_text)
+
+
+def load(name: str) -> Lab | None:
+    """A lab that `up` made, as its inventory says (node count, subnet, fake GPUs per worker); None if it is not up."""
+    inventory_dir = REPO / "inventories" / name
+    hosts_file = inventory_dir / "hosts.yml"
+    if not hosts_file.exists():
+        return None
+    text = "".join(line for line in hosts_file.read_text().splitlines(True) if not line.startswith("#"))
+    groups = json.loads(text)["all"]["children"]
+    workers = groups["ray_workers"]["hosts"]
+    lab_vars = json.loads("".join(line for line in (inventory_dir / "group_vars/all/lab.yml").read_text()
+                                  .splitlines(True) if not line.startswith("#")))
+    gpus = next(iter(workers.values())).get("ray_node_num_gpus", 2)
+    lab = Lab(name, len(workers), ipaddress.IPv4Network(lab_vars["rayrack_cluster_cidr"]), inventory_dir, gpus)
+    # The Ray groups carry each node's address; other groups (nfs_server) only name nodes again.
+    written = {host: spec["ansible_host"] for group in ("ray_head", "ray_workers")
+               for host, spec in groups[group]["hosts"].items()}
+    if {n.name: n.ip for n in lab.nodes} != written:
+        raise RuntimeError(f"the inventory of lab {name!r} does not match lab.py's layout")
+    return lab
+
+
+@contextlib.contextmanager
+def ssh_tunnel(lab: Lab, node: Node, remote_port: int, timeout: float = 30) -> Iterator[int]:
+    """What a researcher does to reach the head's loopback-only Jobs API: `ssh -N -L`. Yields the local port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        local_port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        ["ssh", "-i", str(lab.key), "-o", f"UserKnownHostsFile={lab.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+         "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-N",
+         "-L", f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}", f"{ADMIN_USER}@{node.ip}"])
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", local_port), timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ssh tunnel to {node.name}:{remote_port} did not come up") from None
+                time.sleep(0.2)
+        yield local_port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def status(lab: Lab) -> int:

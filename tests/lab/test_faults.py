@@ -8,7 +8,6 @@ written to .cache/lab-faults.json. The lab is `inventories/molecule` unless RAYR
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -30,29 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 LAB_NAME = os.environ.get("RAYRACK_LAB", "molecule")
 RESULTS = REPO / ".cache" / "lab-faults.json"
 AGENT_STATE_DIR = "/var/lib/ray-agent"
-
-
-def load_lab(name: str) -> labtool.Lab:
-    """The lab as lab.py wrote its inventory: node count, subnet and fake GPUs per worker."""
-    inventory_dir = REPO / "inventories" / name
-    hosts_file = inventory_dir / "hosts.yml"
-    if not hosts_file.exists():
-        pytest.fail(f"lab {name!r} is not up: `make integration` converges the molecule lab, then runs these")
-    text = "".join(line for line in hosts_file.read_text().splitlines(True) if not line.startswith("#"))
-    groups = json.loads(text)["all"]["children"]
-    workers = groups["ray_workers"]["hosts"]
-    lab_vars = json.loads("".join(line for line in (inventory_dir / "group_vars/all/lab.yml").read_text()
-                                  .splitlines(True) if not line.startswith("#")))
-    gpus = next(iter(workers.values())).get("ray_node_num_gpus", 2)
-    lab = labtool.Lab(name, len(workers), ipaddress.IPv4Network(lab_vars["rayrack_cluster_cidr"]), inventory_dir, gpus)
-    # The Ray groups carry each node's address; other groups (nfs_server) only name nodes again.
-    written = {host: spec["ansible_host"] for group in ("ray_head", "ray_workers")
-               for host, spec in groups[group]["hosts"].items()}
-    assert {n.name: n.ip for n in lab.nodes} == written, "the inventory does not match lab.py's layout"
-    return lab
-
-
-LAB = load_lab(LAB_NAME) if (REPO / "inventories" / LAB_NAME / "hosts.yml").exists() else None
+LAB = labtool.load(LAB_NAME)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from local_prometheus import free_port
 from render import render
 
 pytestmark = pytest.mark.promtool
@@ -29,12 +29,6 @@ def binary(name: str) -> str:
             pytest.fail(f"{name} is required in CI (apt-get install prometheus-alertmanager)")
         pytest.skip(f"{name} not installed")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Receiver(http.server.ThreadingHTTPServer):

@@ -72,6 +72,11 @@ int nvmlDeviceRegisterEvents(nvml_device, unsigned long long, void *);
 int nvmlEventSetWait_v2(void *, event_t *, unsigned int);
 int nvmlEventSetFree(void *);
 int nvmlDeviceGetFanSpeed(nvml_device, unsigned int *);
+int nvmlDeviceGetSerial(nvml_device, char *, unsigned int);
+int nvmlDeviceGetTotalEnergyConsumption(nvml_device, unsigned long long *);
+int nvmlDeviceGetRemappedRows(nvml_device, unsigned int *, unsigned int *, unsigned int *, unsigned int *);
+int nvmlDeviceGetCurrPcieLinkWidth(nvml_device, unsigned int *);
+int nvmlDeviceGetGpuFabricInfoV(nvml_device, void *);
 int nvmlGpmQueryDeviceSupport(nvml_device, gpm_support_t *);
 int nvmlGpmSampleAlloc(void **);
 int nvmlGpmSampleFree(void *);
@@ -152,7 +157,19 @@ static int round_trip(void)
         n = 8;
         nvmlDeviceGetComputeRunningProcesses_v3(dev, &n, procs);
         failures += nvmlDeviceGetTopologyCommonAncestor(dev, dev, &level) != 0 || level != 0;
-        failures += nvmlDeviceGetFanSpeed(dev, &value) != 3;
+        failures += nvmlDeviceGetSerial(dev, text, sizeof(text)) != 3;
+        /* Health and topology calls: memory temperature and NVLink speeds come as field values. */
+        unsigned int rows[4];
+        field_t more[3] = {{.id = 82, .scope = 0}, {.id = 84, .scope = 0}, {.id = 90, .scope = 0}};
+        unsigned char fabric[64] = {0};
+        unsigned int fabric_version = 0x03000028u;
+        memcpy(fabric, &fabric_version, sizeof(fabric_version));
+        nvmlDeviceGetFanSpeed(dev, &value);
+        nvmlDeviceGetTotalEnergyConsumption(dev, &big);
+        nvmlDeviceGetRemappedRows(dev, &rows[0], &rows[1], &rows[2], &rows[3]);
+        nvmlDeviceGetCurrPcieLinkWidth(dev, &value);
+        nvmlDeviceGetFieldValues(dev, 3, more);
+        nvmlDeviceGetGpuFabricInfoV(dev, fabric);
         failures += nvmlDeviceRegisterEvents(dev, 8, events) != 0;
         failures += gpm_round_trip(dev);
     }

@@ -218,12 +218,12 @@ def test_unmodelled_calls_are_not_supported(nvml_sim_library: Path, tmp_path: Pa
         result["before_init"] = outcome(pynvml.nvmlDeviceGetCount)
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        for fn in (pynvml.nvmlDeviceGetFanSpeed, pynvml.nvmlDeviceGetPersistenceMode,
+        for fn in (pynvml.nvmlDeviceGetBAR1MemoryInfo, pynvml.nvmlDeviceGetPersistenceMode,
                    pynvml.nvmlDeviceGetVbiosVersion, pynvml.nvmlDeviceGetPowerManagementLimit,
                    pynvml.nvmlDeviceGetSerial):
             result[fn.__name__] = outcome(fn, handle)
         pynvml.nvmlShutdown()
-        result["after_shutdown"] = outcome(pynvml.nvmlDeviceGetFanSpeed, handle)
+        result["after_shutdown"] = outcome(pynvml.nvmlDeviceGetPersistenceMode, handle)
         """,
     )
     assert result.pop("before_init") == "NVMLError_Uninitialized"

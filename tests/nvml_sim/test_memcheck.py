@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+import required
 
 from nvml_sim.support import client_env, write_config
 from ray_agent.gpu.fake import resolve_scenario_path
-
-pytestmark = pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 
 CLIENT = Path(__file__).with_name("memcheck_client.c")
 
 
 def test_memcheck_clean(nvml_sim_library: Path, tmp_path: Path) -> None:
+    valgrind = required.binary("valgrind", "`make host-deps` installs it")
     binary = tmp_path / "client"
     subprocess.run(
         [
@@ -44,7 +42,7 @@ def test_memcheck_clean(nvml_sim_library: Path, tmp_path: Path) -> None:
     write_config(config, text, 160.0)
     proc = subprocess.run(
         [
-            "valgrind",
+            valgrind,
             "--error-exitcode=99",
             "--leak-check=full",
             "--errors-for-leak-kinds=definite,indirect",

@@ -42,6 +42,12 @@ TOLERANCE = {
     "pcie_rx_bytes_per_second": 512,
     "nvlink_tx_bytes_total": 1024,
     "nvlink_rx_bytes_total": 1024,
+    "fan_speed_ratio": 0.005,
+    "memory_temperature_celsius": 0.5,
+    "energy_joules_total": 0.0005,
+    "pcie_replay_errors_total": 0,
+    "encoder_utilization_ratio": 0.005,
+    "decoder_utilization_ratio": 0.005,
 }
 EXACT = (
     "index",
@@ -53,6 +59,10 @@ EXACT = (
     "xid_errors_total",
     "last_xid",
     "gpm",  # None on a first read (tests/nvml_sim/test_gpm.py reads twice)
+    "memory_reserved_bytes",
+    "remapped_rows",
+    "retired_pages_pending",
+    "clock_event_reasons",
 )
 
 
@@ -125,6 +135,15 @@ gpus:
     nvlink_rx_bytes_per_second: [{for: 7s, from: 1.0e+9, to: 2.0e+10}]
     ecc: {corrected_volatile: 4, uncorrected_volatile: 1, corrected_aggregate: 40, uncorrected_aggregate: 2}
     xids: [{at: 1s, code: 48}, {at: 2s, code: 79}, {at: 1h, code: 31}]
+    fan_speed: [{for: 4s, from: 0.2, to: 0.9}]
+    memory_temperature_celsius: [{for: 3s, from: 40, to: 85}]
+    pcie_replay_errors_per_second: [{for: 2s, value: 0}, {for: 1s, value: 3.5}]
+    encoder_utilization: [{for: 2s, from: 0, to: 0.6}]
+    decoder_utilization: 0.35
+    memory_reserved: 527MiB
+    remapped_rows: {correctable: 3, uncorrectable: 1, pending: true}
+    retired_pages_pending: true
+    clock_event_reasons: [sw_power_cap, hw_thermal_slowdown]
 """
 
 
@@ -144,6 +163,26 @@ def test_ramps_integrals_ecc_and_xids(nvml_sim_library: Path, tmp_path: Path, sc
         "uncorrected_aggregate": 2,
     }
     assert (sample["xid_errors_total"], sample["last_xid"]) == ((2, 79) if scenario_time < 3600 else (3, 31))
+    # Health fields: what nvidia-ml-py got from the library, in the agent's units.
+    assert sample["memory_reserved_bytes"] == 527 * 2**20
+    assert sample["remapped_rows"] == {"correctable": 3, "uncorrectable": 1, "pending": True, "failed": False}
+    assert sample["retired_pages_pending"] is True
+    assert sample["clock_event_reasons"] == 0x4 | 0x40
+    assert sample["decoder_utilization_ratio"] == 0.35
+    # Energy integrates the power ramp (100 -> 700 W over 5 s, looping: 2000 J a period); replays come at
+    # 3.5/s in the last second of every 3 s.
+    def energy(t: float) -> float:
+        periods, offset = divmod(t, 5.0)
+        return 2000 * periods + (100 + 60 * offset) * offset
+
+    def replays(t: float) -> int:
+        periods, offset = divmod(t, 3.0)
+        return int(3.5 * periods + 3.5 * max(0.0, offset - 2.0))
+
+    before, after = read["before"] - epoch, read["after"] - epoch
+    assert energy(before) - 0.001 <= sample["energy_joules_total"] <= energy(after) + 0.001
+    assert replays(before) <= sample["pcie_replay_errors_total"] <= replays(after)
+    assert sample["field_errors"] == []
 
 
 def test_raw_calls_and_identity(nvml_sim_library: Path, tmp_path: Path) -> None:

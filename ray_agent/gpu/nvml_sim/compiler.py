@@ -19,7 +19,15 @@ text (model names, user names, the driver version) only in the last position of 
     process 4242 21474836480 0 600 -1 alice   # pid memory from until(-1) every(-1) user(- for none)
     discover 1073741824             # processes: from_cuda_visible_devices, with process_memory
     gpu_delay 0.005
-    nvlink_links 12
+    nvlink_links 12 25781          # count, MB/s per link (count 0: no NVLink)
+    nvlink_down 3                  # an inactive link
+    nvlink_speed 5 12890           # a link at another speed
+    memory_reserved 536870912
+    remapped_rows 0 1 1 0          # correctable uncorrectable pending(0/1) failed(0/1)
+    retired_pages_pending 0
+    clock_event_reasons 4          # NVML's bitmask
+    pcie_link 4 8 4 16 4           # generation width max_generation max_width gpu_max_generation
+    fabric 3 0                     # state (1 not started, 2 in progress, 3 completed), status (NVML code)
     gpm 1                           # answers GPM (then the GPM traces below are the scenario's)
     trace sm_active 1 1 0.6 0.6     # one per GPM trace (graphics_active, sm_active, ...), 0 without GPM
     model NVIDIA L4
@@ -34,6 +42,7 @@ import argparse
 import os
 import sys
 import time
+from operator import attrgetter
 from pathlib import Path
 
 from ray_agent.gpu.base import NVML_ERROR_CODES
@@ -41,8 +50,10 @@ from ray_agent.gpu.fake import (
     BUILTIN_PREFIX,
     GPM_TRACE_KEYS,
     FakeGpu,
+    Health,
     Scenario,
     ScenarioError,
+    Topology,
     Trace,
     Window,
     load_scenario,
@@ -52,8 +63,6 @@ from ray_agent.gpu.fake import (
 FORMAT = "rayrack-nvml-sim 1"
 # The file the library reads when RAYRACK_NVML_SCENARIO is not set.
 DEFAULT_PATH = Path("/etc/rayrack/nvml-sim.conf")
-# Links reported per GPU whose NVLink field is supported (an NVSwitch system such as an HGX A100 board).
-NVLINK_LINKS = 12
 _TRACES = (
     ("utilization", "utilization"),
     ("memory_utilization", "memory_utilization"),
@@ -65,6 +74,11 @@ _TRACES = (
     ("pcie_rx", "pcie_rx"),
     ("nvlink_tx", "nvlink_tx"),
     ("nvlink_rx", "nvlink_rx"),
+    ("fan_speed", "health.fan_speed"),
+    ("memory_temperature_celsius", "health.memory_temperature_celsius"),
+    ("pcie_replay_errors_per_second", "health.pcie_replay_errors_per_second"),
+    ("encoder_utilization", "health.encoder_utilization"),
+    ("decoder_utilization", "health.decoder_utilization"),
 )
 
 
@@ -106,7 +120,7 @@ def _gpu(scenario: Scenario, index: int, gpu: FakeGpu) -> list[str]:
     ]
     if gpu.memory_used is not None:
         lines.append(_trace("memory_used", gpu.memory_used))
-    lines.extend(_trace(name, getattr(gpu, attr)) for name, attr in _TRACES)
+    lines.extend(_trace(name, attrgetter(attr)(gpu)) for name, attr in _TRACES)
     ecc = gpu.ecc
     lines.append(
         f"ecc {ecc.corrected_volatile or 0} {ecc.uncorrected_volatile or 0} "
@@ -120,7 +134,8 @@ def _gpu(scenario: Scenario, index: int, gpu: FakeGpu) -> list[str]:
         lines.append(f"discover {gpu.process_memory_bytes}")
     if gpu.delay is not None:
         lines.append(f"gpu_delay {_number(gpu.delay)}")
-    lines.append(f"nvlink_links {NVLINK_LINKS if _nvlink_supported(scenario, index) else 0}")
+    lines.extend(_health(gpu.health))
+    lines.extend(_topology(gpu.topology, _nvlink_supported(scenario, index)))
     lines.extend(_gpm(gpu))
     lines.append(f"model {gpu.model}")
     return lines
@@ -132,6 +147,32 @@ def _gpm(gpu: FakeGpu) -> list[str]:
     for name in GPM_TRACE_KEYS:
         trace = Trace.constant(0.0) if gpu.gpm is None else getattr(gpu.gpm, name)
         lines.append(_trace(name, trace))
+    return lines
+
+
+def _health(health: Health) -> list[str]:
+    rows = health.remapped_rows
+    return [
+        f"memory_reserved {health.memory_reserved_bytes}",
+        f"remapped_rows {rows.correctable} {rows.uncorrectable} {int(rows.pending)} {int(rows.failed)}",
+        f"retired_pages_pending {int(health.retired_pages_pending)}",
+        f"clock_event_reasons {health.clock_event_reasons}",
+    ]
+
+
+def _topology(topology: Topology, nvlink_supported: bool) -> list[str]:
+    link = topology.pcie_link
+    nvlink = topology.nvlink
+    count = nvlink.count if nvlink_supported else 0
+    lines = [
+        f"pcie_link {link.generation} {link.width} {link.max_generation} {link.max_width} {link.gpu_max_generation}",
+        f"nvlink_links {count} {nvlink.speed_mbps}",
+    ]
+    if count:
+        lines.extend(f"nvlink_down {link}" for link in sorted(nvlink.down))
+        lines.extend(f"nvlink_speed {link} {speed}" for link, speed in nvlink.speeds)
+    if topology.fabric is not None:
+        lines.append(f"fabric {topology.fabric.state} {topology.fabric.status}")
     return lines
 
 

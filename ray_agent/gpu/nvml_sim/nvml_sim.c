@@ -9,6 +9,7 @@
  */
 #define _GNU_SOURCE
 #include <ctype.h>
+#include <stddef.h>
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
@@ -47,6 +48,17 @@ enum {
 #define ALL_LINKS 0xFFFFFFFFu
 #define FI_NVLINK_TX 138u
 #define FI_NVLINK_RX 139u
+#define FI_MEMORY_TEMP 82u
+#define FI_NVLINK_SPEED_L0 84u   /* L0..L5: 84..89 */
+#define FI_NVLINK_SPEED_L6 132u  /* L6..L11: 132..137 */
+#define FI_NVLINK_SPEED_COMMON 90u
+#define NVLINK_SPEED_FIELD_LINKS 12u
+#define MAX_NVLINKS 18
+#define VALUE_TYPE_UINT 1
+#define ENCODER_SAMPLING_US 167000u
+#define FABRIC_V2_VERSION 0x02000024u
+#define FABRIC_V3_VERSION 0x03000028u
+#define NVML_ERROR_ARGUMENT_VERSION_MISMATCH 25
 #define VALUE_TYPE_ULL 3
 #define TOPOLOGY_INTERNAL 0
 #define TOPOLOGY_MULTIPLE 20
@@ -75,12 +87,27 @@ enum call {
     CALL_NVLINK,
     CALL_PROCESSES,
     CALL_GPM,
+    /* health fields */
+    CALL_FAN_SPEED,
+    CALL_MEMORY_TEMPERATURE,
+    CALL_ENERGY,
+    CALL_PCIE_REPLAY,
+    CALL_ENCODER_UTILIZATION,
+    CALL_DECODER_UTILIZATION,
+    CALL_MEMORY_RESERVED,
+    CALL_REMAPPED_ROWS,
+    CALL_RETIRED_PAGES,
+    CALL_CLOCK_EVENTS,
     CALL_ANY,
     CALL_COUNT,
 };
 static const char *const CALL_NAMES[CALL_COUNT] = {
     "init", "shutdown", "device", "memory", "utilization", "power", "temperature", "sm_clock",
-    "memory_clock", "ecc", "xid", "pcie", "nvlink", "processes", "gpm", "any",
+    "memory_clock", "ecc", "xid", "pcie", "nvlink", "processes", "gpm",
+    /* health fields */
+    "fan_speed", "memory_temperature", "energy", "pcie_replay", "encoder_utilization", "decoder_utilization",
+    "memory_reserved", "remapped_rows", "retired_pages", "clock_events",
+    "any",
 };
 
 struct segment {
@@ -130,13 +157,22 @@ enum trace_id {
     T_SM_OCCUPANCY,
     T_TENSOR_ACTIVE,
     T_DRAM_ACTIVE,
+    /* health fields */
+    T_FAN_SPEED,
+    T_MEMORY_TEMPERATURE,
+    T_PCIE_REPLAY,
+    T_ENCODER,
+    T_DECODER,
     T_MEMORY_USED,
     T_COUNT,
 };
 static const char *const TRACE_NAMES[T_COUNT] = {
     "utilization", "memory_utilization", "power_watts", "temperature_celsius", "sm_clock_mhz",
     "memory_clock_mhz", "pcie_tx", "pcie_rx", "nvlink_tx", "nvlink_rx", "graphics_active", "sm_active",
-    "sm_occupancy", "tensor_active", "dram_active", "memory_used",
+    "sm_occupancy", "tensor_active", "dram_active",
+    /* health fields */
+    "fan_speed", "memory_temperature_celsius", "pcie_replay_errors_per_second", "encoder_utilization",
+    "decoder_utilization", "memory_used",
 };
 
 struct gpu {
@@ -155,6 +191,18 @@ struct gpu {
     double delay; /* < 0: the scenario's */
     unsigned int nvlink_links;
     int gpm; /* answers the GPM calls (Hopper and later) */
+    /* health fields */
+    unsigned long long memory_reserved;
+    unsigned int remapped[4]; /* correctable, uncorrectable, pending, failed */
+    unsigned int retired_pages_pending;
+    unsigned long long clock_event_reasons;
+    /* topology */
+    unsigned int pcie_link[5]; /* generation, width, max generation, max width, GPU max generation */
+    unsigned int nvlink_speed[MAX_NVLINKS]; /* MB/s; 0 for a link that is down */
+    unsigned int nvlink_down[MAX_NVLINKS];
+    int has_fabric;
+    unsigned int fabric_state;
+    int fabric_status;
 };
 
 struct scenario {
@@ -531,9 +579,45 @@ static struct scenario *load_scenario(const char *path, nvmlReturn_t *error)
         } else if (strcmp(key, "gpu_delay") == 0) {
             g->delay = next_double(&r);
         } else if (strcmp(key, "nvlink_links") == 0) {
-            g->nvlink_links = (unsigned int)next_int(&r);
+            long long links = next_int(&r);
+            long long speed = next_int(&r);
+            if (links < 0 || links > MAX_NVLINKS || speed < 0) {
+                parse_error(&r, "bad NVLink link count or speed");
+                break;
+            }
+            g->nvlink_links = (unsigned int)links;
+            for (int i = 0; i < MAX_NVLINKS; i++)
+                g->nvlink_speed[i] = (unsigned int)speed;
+        } else if (strcmp(key, "nvlink_speed") == 0 || strcmp(key, "nvlink_down") == 0) {
+            int down = key[7] == 'd';
+            long long link = next_int(&r);
+            long long speed = down ? 0 : next_int(&r);
+            if (link < 0 || link >= (long long)g->nvlink_links || speed < 0) {
+                parse_error(&r, "NVLink link out of range (nvlink_links must come first)");
+                break;
+            }
+            if (down)
+                g->nvlink_down[link] = 1;
+            else
+                g->nvlink_speed[link] = (unsigned int)speed;
         } else if (strcmp(key, "gpm") == 0) {
             g->gpm = next_int(&r) != 0;
+        } else if (strcmp(key, "memory_reserved") == 0) {
+            g->memory_reserved = (unsigned long long)next_int(&r);
+        } else if (strcmp(key, "remapped_rows") == 0) {
+            for (int i = 0; i < 4; i++)
+                g->remapped[i] = (unsigned int)next_int(&r);
+        } else if (strcmp(key, "retired_pages_pending") == 0) {
+            g->retired_pages_pending = (unsigned int)next_int(&r);
+        } else if (strcmp(key, "clock_event_reasons") == 0) {
+            g->clock_event_reasons = (unsigned long long)next_int(&r);
+        } else if (strcmp(key, "pcie_link") == 0) {
+            for (int i = 0; i < 5; i++)
+                g->pcie_link[i] = (unsigned int)next_int(&r);
+        } else if (strcmp(key, "fabric") == 0) {
+            g->has_fabric = 1;
+            g->fabric_state = (unsigned int)next_int(&r);
+            g->fabric_status = (int)next_int(&r);
         } else {
             parse_error(&r, "unknown key");
         }
@@ -1086,16 +1170,21 @@ API nvmlReturn_t nvmlDeviceGetMemoryInfo(void *device, nvmlMemory_t *memory)
     return NVML_SUCCESS;
 }
 
+/*
+ * Faults on `memory_reserved` (the field only _v2 gives) apply here, those on `memory` to the v1 call. As in
+ * the driver, v1's used memory includes the reserved part and v2's does not.
+ */
 API nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(void *device, nvmlMemory_v2_t *memory)
 {
-    DEVICE_CALL(CALL_MEMORY, device, g);
+    DEVICE_CALL(CALL_MEMORY_RESERVED, device, g);
     if (!memory)
         return NVML_ERROR_INVALID_ARGUMENT;
     unsigned long long used;
     memory_now(s, g, &used);
+    unsigned long long reserved = g->memory_reserved < used ? g->memory_reserved : used;
     memory->total = g->memory_total;
-    memory->reserved = 0;
-    memory->used = used;
+    memory->reserved = g->memory_reserved;
+    memory->used = used - reserved;
     memory->free = g->memory_total - used;
     return NVML_SUCCESS;
 }
@@ -1406,19 +1495,77 @@ static int device_scope(nvmlReturn_t error)
            error == 28 || error < 0;
 }
 
+/* NVLink link of a per-link speed field (L0..L11), or -1 for any other field. */
+static int speed_field_link(unsigned int field)
+{
+    if (field >= FI_NVLINK_SPEED_L0 && field < FI_NVLINK_SPEED_L0 + 6)
+        return (int)(field - FI_NVLINK_SPEED_L0);
+    if (field >= FI_NVLINK_SPEED_L6 && field < FI_NVLINK_SPEED_L6 + 6)
+        return (int)(field - FI_NVLINK_SPEED_L6) + 6;
+    return -1;
+}
+
+/* The scenario's call kind behind a field id (its faults apply to the value), or -1: not modelled. */
+static int field_call(unsigned int field)
+{
+    if (field == FI_NVLINK_TX || field == FI_NVLINK_RX || field == FI_NVLINK_SPEED_COMMON ||
+        speed_field_link(field) >= 0)
+        return CALL_NVLINK;
+    if (field == FI_MEMORY_TEMP)
+        return CALL_MEMORY_TEMPERATURE;
+    return -1;
+}
+
+static unsigned int common_nvlink_speed(const struct gpu *g)
+{
+    unsigned int common = 0;
+    for (unsigned int link = 0; link < g->nvlink_links; link++)
+        if (!g->nvlink_down[link] && (common == 0 || g->nvlink_speed[link] < common))
+            common = g->nvlink_speed[link];
+    return common;
+}
+
+/* A value that is not a byte counter: memory temperature and NVLink speeds, as unsigned ints. */
+static void other_field(const struct scenario *s, const struct gpu *g, nvmlFieldValue_t *v, double t)
+{
+    (void)s;
+    v->valueType = VALUE_TYPE_UINT;
+    v->nvmlReturn = NVML_SUCCESS;
+    if (v->fieldId == FI_MEMORY_TEMP) {
+        v->value.uiVal = (unsigned int)round_unsigned(trace_value(&g->traces[T_MEMORY_TEMPERATURE], t));
+        return;
+    }
+    if (g->nvlink_links == 0) {
+        v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+        return;
+    }
+    if (v->fieldId == FI_NVLINK_SPEED_COMMON) {
+        v->value.uiVal = common_nvlink_speed(g);
+        return;
+    }
+    unsigned int link = (unsigned int)speed_field_link(v->fieldId);
+    if (link >= g->nvlink_links)
+        v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+    else
+        v->value.uiVal = g->nvlink_down[link] ? 0 : g->nvlink_speed[link];
+}
+
 API nvmlReturn_t nvmlDeviceGetFieldValues(void *device, int count, nvmlFieldValue_t *values)
 {
     DEVICE_CALL(CALL_DEVICE, device, g);
     if (count < 0 || (count > 0 && !values))
         return NVML_ERROR_INVALID_ARGUMENT;
-    int wants_nvlink = 0;
-    for (int i = 0; i < count; i++)
-        wants_nvlink |= values[i].fieldId == FI_NVLINK_TX || values[i].fieldId == FI_NVLINK_RX;
-    nvmlReturn_t nvlink = NVML_SUCCESS;
-    if (wants_nvlink) {
-        nvlink = enter(s, CALL_NVLINK, (int)g->index, gen_);
-        if (nvlink != NVML_SUCCESS && device_scope(nvlink))
-            return nvlink;
+    /* Each call kind asked for is entered once (delay, faults); a GPU- or library-wide error ends the call. */
+    nvmlReturn_t entered[CALL_COUNT] = {0};
+    int wanted[CALL_COUNT] = {0};
+    for (int i = 0; i < count; i++) {
+        int call = field_call(values[i].fieldId);
+        if (call >= 0 && !wanted[call]) {
+            wanted[call] = 1;
+            entered[call] = enter(s, call, (int)g->index, gen_);
+            if (entered[call] != NVML_SUCCESS && device_scope(entered[call]))
+                return entered[call];
+        }
     }
     double t = scenario_time(s);
     struct timespec ts;
@@ -1429,12 +1576,21 @@ API nvmlReturn_t nvmlDeviceGetFieldValues(void *device, int count, nvmlFieldValu
         v->latencyUsec = 0;
         v->valueType = VALUE_TYPE_ULL;
         v->value.ullVal = 0;
-        if (v->fieldId != FI_NVLINK_TX && v->fieldId != FI_NVLINK_RX) {
+        int call = field_call(v->fieldId);
+        if (call < 0) {
             v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
             continue;
         }
-        if (nvlink != NVML_SUCCESS || g->nvlink_links == 0) {
-            v->nvmlReturn = nvlink != NVML_SUCCESS ? nvlink : NVML_ERROR_NOT_SUPPORTED;
+        if (entered[call] != NVML_SUCCESS) {
+            v->nvmlReturn = entered[call];
+            continue;
+        }
+        if (v->fieldId != FI_NVLINK_TX && v->fieldId != FI_NVLINK_RX) {
+            other_field(s, g, v, t);
+            continue;
+        }
+        if (g->nvlink_links == 0) {
+            v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
             continue;
         }
         if (v->scopeId != ALL_LINKS && v->scopeId >= g->nvlink_links) {
@@ -1464,7 +1620,7 @@ API nvmlReturn_t nvmlDeviceGetNvLinkState(void *device, unsigned int link, int *
         return ret;
     if (!is_active)
         return NVML_ERROR_INVALID_ARGUMENT;
-    *is_active = 1;
+    *is_active = g->nvlink_down[link] ? 0 : 1;
     return NVML_SUCCESS;
 }
 
@@ -1759,6 +1915,207 @@ API nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *request)
             m->nvmlReturn = NVML_SUCCESS;
         }
     }
+    return NVML_SUCCESS;
+}
+
+/* --- health fields -------------------------------------------------------------------------------- */
+
+static unsigned int percent(const struct trace *t, double at)
+{
+    return (unsigned int)round_unsigned(trace_value(t, at) * 100.0);
+}
+
+API nvmlReturn_t nvmlDeviceGetFanSpeed_v2(void *device, unsigned int fan, unsigned int *speed)
+{
+    DEVICE_CALL(CALL_FAN_SPEED, device, g);
+    if (!speed || fan != 0) /* one fan per board */
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *speed = percent(&g->traces[T_FAN_SPEED], scenario_time(s));
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlDeviceGetFanSpeed(void *device, unsigned int *speed)
+{
+    return nvmlDeviceGetFanSpeed_v2(device, 0, speed);
+}
+
+API nvmlReturn_t nvmlDeviceGetNumFans(void *device, unsigned int *count)
+{
+    DEVICE_CALL(CALL_FAN_SPEED, device, g);
+    (void)g;
+    if (!count)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *count = 1;
+    return NVML_SUCCESS;
+}
+
+/* mJ since the driver loaded (scenario time 0): the integral of the power trace, as in the fake. */
+API nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(void *device, unsigned long long *millijoules)
+{
+    DEVICE_CALL(CALL_ENERGY, device, g);
+    if (!millijoules)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *millijoules = round_unsigned(trace_integral(&g->traces[T_POWER], scenario_time(s)) * 1000.0);
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlDeviceGetPcieReplayCounter(void *device, unsigned int *count)
+{
+    DEVICE_CALL(CALL_PCIE_REPLAY, device, g);
+    if (!count)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    double replays = trace_integral(&g->traces[T_PCIE_REPLAY], scenario_time(s));
+    *count = replays <= 0 ? 0u : (unsigned int)replays; /* whole replays, like int() in the fake */
+    return NVML_SUCCESS;
+}
+
+static nvmlReturn_t codec_utilization(void *device, int call, int trace, unsigned int *util, unsigned int *period)
+{
+    DEVICE_CALL(call, device, g);
+    if (!util || !period)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *util = percent(&g->traces[trace], scenario_time(s));
+    *period = ENCODER_SAMPLING_US;
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlDeviceGetEncoderUtilization(void *device, unsigned int *util, unsigned int *period)
+{
+    return codec_utilization(device, CALL_ENCODER_UTILIZATION, T_ENCODER, util, period);
+}
+
+API nvmlReturn_t nvmlDeviceGetDecoderUtilization(void *device, unsigned int *util, unsigned int *period)
+{
+    return codec_utilization(device, CALL_DECODER_UTILIZATION, T_DECODER, util, period);
+}
+
+API nvmlReturn_t nvmlDeviceGetRemappedRows(void *device, unsigned int *correctable, unsigned int *uncorrectable,
+                                           unsigned int *pending, unsigned int *failed)
+{
+    DEVICE_CALL(CALL_REMAPPED_ROWS, device, g);
+    if (!correctable || !uncorrectable || !pending || !failed)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *correctable = g->remapped[0];
+    *uncorrectable = g->remapped[1];
+    *pending = g->remapped[2];
+    *failed = g->remapped[3];
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlDeviceGetRetiredPagesPendingStatus(void *device, int *pending)
+{
+    DEVICE_CALL(CALL_RETIRED_PAGES, device, g);
+    if (!pending)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *pending = g->retired_pages_pending ? 1 : 0;
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(void *device, unsigned long long *reasons)
+{
+    DEVICE_CALL(CALL_CLOCK_EVENTS, device, g);
+    if (!reasons)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *reasons = g->clock_event_reasons;
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(void *device, unsigned long long *reasons)
+{
+    return nvmlDeviceGetCurrentClocksEventReasons(device, reasons);
+}
+
+/* --- topology: PCIe link and NVSwitch fabric ------------------------------------------------------- */
+
+/* pcie_link[]: current generation, current width, max generation, max width, the GPU's max generation */
+static nvmlReturn_t pcie_link_value(void *device, int which, unsigned int *value)
+{
+    DEVICE_CALL(CALL_PCIE, device, g);
+    if (!value)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *value = g->pcie_link[which];
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlDeviceGetCurrPcieLinkGeneration(void *device, unsigned int *generation)
+{
+    return pcie_link_value(device, 0, generation);
+}
+
+API nvmlReturn_t nvmlDeviceGetCurrPcieLinkWidth(void *device, unsigned int *width)
+{
+    return pcie_link_value(device, 1, width);
+}
+
+API nvmlReturn_t nvmlDeviceGetMaxPcieLinkGeneration(void *device, unsigned int *generation)
+{
+    return pcie_link_value(device, 2, generation);
+}
+
+API nvmlReturn_t nvmlDeviceGetMaxPcieLinkWidth(void *device, unsigned int *width)
+{
+    return pcie_link_value(device, 3, width);
+}
+
+API nvmlReturn_t nvmlDeviceGetGpuMaxPcieLinkGeneration(void *device, unsigned int *generation)
+{
+    return pcie_link_value(device, 4, generation);
+}
+
+typedef struct {
+    unsigned char clusterUuid[16];
+    nvmlReturn_t status;
+    unsigned int cliqueId, state;
+} nvmlGpuFabricInfo_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned char clusterUuid[16];
+    nvmlReturn_t status;
+    unsigned int cliqueId, state, healthMask;
+    unsigned char healthSummary; /* v3 only */
+} nvmlGpuFabricInfoV_t;
+
+/* The cluster UUID: fixed per scenario (one NVLink domain), zero until registration completes. */
+static void fabric_uuid(const struct gpu *g, unsigned char *uuid)
+{
+    memset(uuid, 0, 16);
+    if (g->fabric_state == 3)
+        for (int i = 0; i < 16; i++)
+            uuid[i] = (unsigned char)(0xA0 + i);
+}
+
+API nvmlReturn_t nvmlDeviceGetGpuFabricInfo(void *device, nvmlGpuFabricInfo_t *info)
+{
+    DEVICE_CALL(CALL_DEVICE, device, g);
+    if (!info)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (!g->has_fabric)
+        return NVML_ERROR_NOT_SUPPORTED;
+    memset(info, 0, sizeof(*info));
+    fabric_uuid(g, info->clusterUuid);
+    info->state = g->fabric_state;
+    /* The status means something once the state is COMPLETED; NOT_READY before, as the driver answers. */
+    info->status = g->fabric_state == 3 ? g->fabric_status : 27;
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlDeviceGetGpuFabricInfoV(void *device, nvmlGpuFabricInfoV_t *info)
+{
+    DEVICE_CALL(CALL_DEVICE, device, g);
+    if (!info)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (info->version != FABRIC_V2_VERSION && info->version != FABRIC_V3_VERSION)
+        return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    if (!g->has_fabric)
+        return NVML_ERROR_NOT_SUPPORTED;
+    unsigned int version = info->version;
+    size_t size = version == FABRIC_V3_VERSION ? sizeof(*info) : offsetof(nvmlGpuFabricInfoV_t, healthSummary);
+    memset(info, 0, size);
+    info->version = version;
+    fabric_uuid(g, info->clusterUuid);
+    info->state = g->fabric_state;
+    info->status = g->fabric_state == 3 ? g->fabric_status : 27;
     return NVML_SUCCESS;
 }
 

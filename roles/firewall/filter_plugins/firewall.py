@@ -13,6 +13,18 @@ def firewall_family(sources: Iterable[Any], version: int) -> list[str]:
     return [str(n) for n in sorted(n for n in nets if n.version == version)]
 
 
+def firewall_only_ips(values: Iterable[Any]) -> list[str]:
+    """The values that are IP addresses or networks; host names (an ansible_host may be one) are left out."""
+    kept = []
+    for value in values:
+        try:
+            ipaddress.ip_network(str(value).strip(), strict=False)
+        except ValueError:
+            continue
+        kept.append(str(value).strip())
+    return kept
+
+
 def firewall_allows(address: str, sources: Iterable[Any]) -> bool:
     """True when address lies inside one of the sources."""
     ip = ipaddress.ip_address(str(address))
@@ -21,4 +33,5 @@ def firewall_allows(address: str, sources: Iterable[Any]) -> bool:
 
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"firewall_family": firewall_family, "firewall_allows": firewall_allows}
+        return {"firewall_family": firewall_family, "firewall_allows": firewall_allows,
+                "firewall_only_ips": firewall_only_ips}

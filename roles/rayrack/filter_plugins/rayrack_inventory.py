@@ -25,8 +25,15 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # Format rules beyond the type: (regex, what is allowed).
 FORMATS = {
     "rayrack_ray_version": (r"\d+\.\d+\.\d+", "a pinned Ray release X.Y.Z such as 2.60.0"),
-    "rayrack_python_version": (r"3\.\d+", "a Python minor version 3.Y such as 3.11"),
+    "rayrack_python_version": (r"auto|3\.\d+", "auto (the head's python3) or a Python minor version 3.Y such as 3.12"),
     "rayrack_cluster_name": (r"[a-z0-9][a-z0-9-]{0,62}", "lowercase letters, digits and '-'"),
+}
+# Rules for each element of a list variable: (regex, what is allowed).
+PINNED_REQUIREMENT = (r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,-]+\])?==[A-Za-z0-9][A-Za-z0-9.+!_-]*",
+                      "a pinned requirement NAME==VERSION (or NAME[extra]==VERSION) such as torch==2.13.0")
+ELEMENT_FORMATS = {
+    "rayrack_python_packages": PINNED_REQUIREMENT,
+    "rayrack_shared_packages": PINNED_REQUIREMENT,
 }
 TYPE_NAMES = {"bool": "a boolean (true/false, unquoted)", "int": "an integer", "str": "a string",
               "path": "a path string", "list": "a list", "dict": "a mapping", "raw": "any value"}
@@ -77,6 +84,11 @@ def check_value(name: str, value: Any, spec: Mapping[str, Any]) -> str | None:
         pattern, allowed = FORMATS[name]
         if not re.fullmatch(pattern, value):
             return f"{name}: must be {allowed}; got {value!r}"
+    if name in ELEMENT_FORMATS:
+        pattern, allowed = ELEMENT_FORMATS[name]
+        for item in value:
+            if not re.fullmatch(pattern, item):
+                return f"{name}: every entry must be {allowed}; got {item!r}"
     if name.endswith("_port") and not 1 <= value <= 65535:
         return f"{name}: must be a port number 1-65535; got {value}"
     return None
@@ -197,6 +209,11 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
         for name, port in ports.items():
             if low <= port <= high:
                 errors.append(f"{name}: port {port} lies inside the worker port range {low}-{high}")
+
+    shared, packages = cluster.get("rayrack_shared_dir"), cluster.get("rayrack_package_dir")
+    if shared and packages and not str(packages).startswith(str(shared).rstrip("/") + "/"):
+        errors.append(f"rayrack_package_dir: must lie inside rayrack_shared_dir ({shared}), where every node sees "
+                      f"it; got {packages!r}")
 
     # The idle guard stops jobs through the Jobs API on the head: workers must be able to reach it.
     dashboard = cluster.get("rayrack_ray_dashboard_host")

@@ -1,0 +1,92 @@
+"""The nftables table the firewall role writes, rendered by Ansible from the role and checked by the real `nft -c`.
+
+The inventory is one whose nodes talk to each other on a cluster network (ray_node_ip) apart from the address
+Ansible reaches them at: the monitoring host then scrapes from its cluster address, which must be admitted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import required
+
+REPO = Path(__file__).resolve().parents[2]
+ROLES = REPO / "roles"
+pytestmark = pytest.mark.slow
+
+HOSTS = {
+    "head": {"ansible_host": "192.0.2.10", "ray_node_ip": "10.20.0.10"},
+    "worker1": {"ansible_host": "192.0.2.11", "ray_node_ip": "10.20.0.11"},
+    "worker2": {"ansible_host": "worker2.mgmt.example.org", "ray_node_ip": "10.20.0.12"},
+}
+PLAY = f"""
+- hosts: worker1
+  gather_facts: false
+  vars_files:
+    - {ROLES}/rayrack/defaults/main.yml
+    - {ROLES}/firewall/defaults/main.yml
+    - {ROLES}/firewall/vars/main.yml
+  tasks:
+    - ansible.builtin.template:
+        src: {ROLES}/firewall/templates/etc/nftables.d/rayrack.nft.j2
+        dest: "{{{{ dest }}}}"
+        mode: "0644"
+      delegate_to: localhost
+"""
+
+
+def render(tmp_path: Path, **settings: object) -> str:
+    inventory = {"all": {"vars": {"ansible_connection": "local"}, "children": {
+        "ray_head": {"hosts": {"head": HOSTS["head"]}},
+        "ray_workers": {"hosts": {name: HOSTS[name] for name in ("worker1", "worker2")}}}}}
+    (tmp_path / "hosts.json").write_text(json.dumps(inventory))
+    (tmp_path / "play.yml").write_text(PLAY)
+    dest = tmp_path / "rayrack.nft"
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+           "ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins:{ROLES}/firewall/filter_plugins",
+           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_LOCALHOST_WARNING": "0"}
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(tmp_path / "hosts.json"),
+         str(tmp_path / "play.yml"), "-e", json.dumps({"dest": str(dest), **settings})],
+        cwd=REPO, capture_output=True, text=True, check=False, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return dest.read_text()
+
+
+def elements(table: str, name: str) -> set[str]:
+    match = re.search(rf"set {name} {{[^}}]*?elements = {{ ([^}}]*) }}", table)
+    return set(match.group(1).split(", ")) if match else set()
+
+
+def nft_accepts(table: Path) -> subprocess.CompletedProcess[str]:
+    nft = required.binary("nft", "make host-deps")
+    if os.geteuid() != 0:
+        required.missing("nft -c needs root")
+    return subprocess.run([nft, "-c", "-f", str(table)], capture_output=True, text=True, check=False)
+
+
+def test_nodes_reach_each_other_on_every_tcp_port_by_default(tmp_path):
+    table = render(tmp_path)
+    assert elements(table, "nodes_ipv4") == {"10.20.0.10/32", "10.20.0.11/32", "10.20.0.12/32"}
+    assert "ip saddr @nodes_ipv4 meta l4proto tcp accept" in table
+    checked = nft_accepts(tmp_path / "rayrack.nft")
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_pinned_admits_only_the_named_ports(tmp_path):
+    table = render(tmp_path, firewall_intra_cluster="pinned")
+    assert "@nodes_ipv4 meta l4proto tcp accept" not in table
+    # The named ports stay open to the cluster.
+    assert re.search(r"ip saddr @cluster_ipv4 tcp dport \{ [^}]*8077", table)
+
+
+def test_monitoring_host_is_admitted_by_its_cluster_address_too(tmp_path):
+    # Prometheus on the head scrapes workers' 10.20.0.x addresses, so its packets come from 10.20.0.10.
+    table = render(tmp_path)
+    assert {"10.20.0.10/32", "192.0.2.10/32"} <= elements(table, "monitoring_ipv4")
+
