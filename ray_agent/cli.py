@@ -359,7 +359,7 @@ def render_guard(config: Config, out: TextIO) -> None:
     )
     out.write(
         f"Idle guard   {'dry-run' if guard.dry_run else 'ACTIVE'}: held GPUs below {guard.idle_threshold:.0%} "
-        f"for {guard.window:g}s -> {describe_stages(guard)}; {webhook}; audit {guard.audit_log}\n"
+        f"({guard.signal}) for {guard.window:g}s -> {describe_stages(guard)}; {webhook}; audit {guard.audit_log}\n"
     )
 
 

@@ -33,7 +33,10 @@ Example (every key optional)::
     guard:                              # the idle-GPU guard (see ray_agent/guard); off unless enabled
       enabled: false
       dry_run: true                     # decide and audit, but never stop a job or kill a process
-      idle_threshold: 0.05              # utilisation ratio below which a held GPU counts as idle
+      idle_threshold: 0.05              # activity ratio below which a held GPU counts as idle
+      signal: auto                      # the activity compared: utilization (NVML's "a kernel was running"),
+                                        # sm_active (GPM's SM activity; GPUs without GPM are then unknown), or
+                                        # auto: sm_active where the GPU reports GPM, else utilization
       window: 30m                       # a held GPU idle for this long becomes idle_held
       min_samples: 3                    # ... and only after at least this many idle samples
       max_gap: 2m                       # unobserved time longer than this (stalls, restarts) restarts the clock
@@ -148,11 +151,16 @@ class GuardStages:
     kill_grace: float | None = None
 
 
+# What the idle guard compares with idle_threshold (see ray_agent.guard.tracker.activity).
+GUARD_SIGNALS = ("auto", "utilization", "sm_active")
+
+
 @dataclass(frozen=True, slots=True)
 class GuardConfig:
     enabled: bool = False
     dry_run: bool = True
     idle_threshold: float = 0.05
+    signal: str = "auto"
     window: float = 1800.0
     min_samples: int = 3
     max_gap: float = 120.0
@@ -325,6 +333,7 @@ _GUARD_KEYS = (
     "enabled",
     "dry_run",
     "idle_threshold",
+    "signal",
     "window",
     "min_samples",
     "max_gap",
@@ -481,6 +490,7 @@ def _guard_config(source: str, node: Any, base_dir: Path, interval: float) -> Gu
         enabled=reader.boolean("enabled", defaults.enabled),
         dry_run=reader.boolean("dry_run", defaults.dry_run),
         idle_threshold=reader.ratio("idle_threshold", defaults.idle_threshold),
+        signal=reader.choice("signal", defaults.signal, GUARD_SIGNALS),
         window=window,
         min_samples=reader.integer("min_samples", defaults.min_samples, 1),
         max_gap=max_gap,

@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 from ray_agent import __version__
 from ray_agent.clock import Clock, SystemClock
 from ray_agent.config import ExporterConfig
-from ray_agent.gpu.base import CLOCK_EVENT_REASONS, GpuSample
+from ray_agent.gpu.base import CLOCK_EVENT_REASONS, GpmSample, GpuSample
 from ray_agent.guard import GuardSnapshot
 from ray_agent.guard.tracker import GpuState
 from ray_agent.sampler import GpuStatus, Snapshot
@@ -224,6 +224,93 @@ _DCGM_ECC: tuple[tuple[str, str, str], ...] = (
     ),
 )
 
+# GPM (Hopper and later), means over the interval between two reads. Native and dcgm-exporter's names carry
+# the same values: dcgm's profiling fields are ratios and bytes per second too.
+# (native family, help, dcgm field, dcgm help, GpmSample attribute)
+_GPM_RATIOS: tuple[tuple[str, str, str, str, str], ...] = (
+    (
+        "gpu_graphics_active_ratio",
+        "Fraction of time a graphics or compute engine was active (GPM, 0..1).",
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        "Ratio of time the graphics engine is active.",
+        "graphics_active_ratio",
+    ),
+    (
+        "gpu_sm_active_ratio",
+        "Fraction of SM cycles with at least one warp assigned, over all SMs (GPM, 0..1).",
+        "DCGM_FI_PROF_SM_ACTIVE",
+        "The ratio of cycles an SM has at least 1 warp assigned.",
+        "sm_active_ratio",
+    ),
+    (
+        "gpu_sm_occupancy_ratio",
+        "Resident warps as a fraction of the SMs' maximum (GPM, 0..1).",
+        "DCGM_FI_PROF_SM_OCCUPANCY",
+        "The ratio of number of warps resident on an SM.",
+        "sm_occupancy_ratio",
+    ),
+    (
+        "gpu_tensor_active_ratio",
+        "Fraction of cycles a tensor pipe was active (GPM, 0..1).",
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+        "Ratio of cycles the tensor (HMMA) pipe is active.",
+        "tensor_active_ratio",
+    ),
+    (
+        "gpu_dram_active_ratio",
+        "Device memory bandwidth used as a fraction of its peak (GPM, 0..1).",
+        "DCGM_FI_PROF_DRAM_ACTIVE",
+        "Ratio of cycles the device memory interface is active sending or receiving data.",
+        "dram_active_ratio",
+    ),
+)
+# (native family with a direction label, help, ((direction, dcgm field, dcgm help, GpmSample attribute), ...))
+_GPM_RATES: tuple[tuple[str, str, tuple[tuple[str, str, str, str], ...]], ...] = (
+    (
+        "gpu_gpm_pcie_bytes_per_second",
+        "PCIe traffic, mean over the interval between reads (GPM).",
+        (
+            (
+                "tx",
+                "DCGM_FI_PROF_PCIE_TX_BYTES",
+                "The rate of data transmitted over the PCIe bus - including both protocol headers and data "
+                "payloads - in bytes per second.",
+                "pcie_tx_bytes_per_second",
+            ),
+            (
+                "rx",
+                "DCGM_FI_PROF_PCIE_RX_BYTES",
+                "The rate of data received over the PCIe bus - including both protocol headers and data "
+                "payloads - in bytes per second.",
+                "pcie_rx_bytes_per_second",
+            ),
+        ),
+    ),
+    (
+        "gpu_gpm_nvlink_bytes_per_second",
+        "NVLink traffic over all links, mean over the interval between reads (GPM).",
+        (
+            (
+                "tx",
+                "DCGM_FI_PROF_NVLINK_TX_BYTES",
+                "The rate of data transmitted over NVLink, not including protocol headers, in bytes per second.",
+                "nvlink_tx_bytes_per_second",
+            ),
+            (
+                "rx",
+                "DCGM_FI_PROF_NVLINK_RX_BYTES",
+                "The rate of data received over NVLink, not including protocol headers, in bytes per second.",
+                "nvlink_rx_bytes_per_second",
+            ),
+        ),
+    ),
+)
+
+
+def _with_gpm(snapshot: Snapshot) -> list[tuple[GpuStatus, GpuSample, GpmSample]]:
+    """The GPUs that reported GPM this time; the others have no GPM series."""
+    return [(s, s.sample, s.sample.gpm) for s in snapshot.gpus if s.sample is not None and s.sample.gpm is not None]
+
 
 # dcgm-exporter's counters among the health fields, untyped for the same reason: (field, help, value).
 _DCGM_HEALTH_COUNTERS: tuple[tuple[str, str, Callable[[GpuSample], float | None]], ...] = (
@@ -320,11 +407,13 @@ class SnapshotCollector(Collector):
             self._agent_families(snapshot),
             self._backend_families(snapshot),
             self._gpu_families(snapshot),
+            self._gpm_families(snapshot),
             self._process_families(snapshot),
             self._host_families(snapshot),
         ]
         if self._config.dcgm_compat:
             groups.append(self._dcgm_families(snapshot))
+            groups.append(self._dcgm_gpm_families(snapshot))
         for group in groups:
             # A family with no series (no GPUs, field unsupported everywhere) is left out entirely.
             yield from (family for family in group if family.samples)
@@ -514,21 +603,58 @@ class SnapshotCollector(Collector):
             cpu.add_metric([mode], seconds)
         yield cpu
 
+    @staticmethod
+    def _gpm_families(snapshot: Snapshot) -> Iterator[Metric]:
+        gpus = _with_gpm(snapshot)
+        for name, documentation, _, _, attribute in _GPM_RATIOS:
+            family = _gauge(name, documentation, _GPU_LABELS)
+            for status, sample, gpm in gpus:
+                value = getattr(gpm, attribute)
+                if value is not None:
+                    family.add_metric([str(status.index), sample.uuid], value)
+            yield family
+        for name, documentation, directions in _GPM_RATES:
+            family = _gauge(name, documentation, [*_GPU_LABELS, "direction"])
+            for status, sample, gpm in gpus:
+                for direction, _, _, attribute in directions:
+                    value = getattr(gpm, attribute)
+                    if value is not None:
+                        family.add_metric([str(status.index), sample.uuid, direction], value)
+            yield family
+
+    def _dcgm_gpm_families(self, snapshot: Snapshot) -> Iterator[Metric]:
+        gpus = _with_gpm(snapshot)
+        fields = [(field, documentation, attribute) for _, _, field, documentation, attribute in _GPM_RATIOS]
+        fields += [
+            (field, documentation, attribute)
+            for *_, rates in _GPM_RATES
+            for _, field, documentation, attribute in rates
+        ]
+        for field, documentation, attribute in fields:
+            family = GaugeMetricFamily(field, documentation, labels=DCGM_LABELS)
+            for status, sample, gpm in gpus:
+                value = getattr(gpm, attribute)
+                if value is not None:
+                    family.add_metric(self._dcgm_labels(status, sample, snapshot), value)
+            yield family
+
+    def _dcgm_labels(self, status: GpuStatus, sample: GpuSample, snapshot: Snapshot) -> list[str]:
+        return [
+            str(status.index),
+            sample.uuid,
+            sample.pci_bus_id,
+            f"nvidia{status.index}",
+            sample.model,
+            self._hostname,
+            self._hostname,
+            snapshot.backend.driver_version,
+        ]
+
     def _dcgm_families(self, snapshot: Snapshot) -> Iterator[Metric]:
         readable = [(s, s.sample) for s in snapshot.gpus if s.sample is not None]
-        driver = snapshot.backend.driver_version
 
         def labels(status: GpuStatus, sample: GpuSample) -> list[str]:
-            return [
-                str(status.index),
-                sample.uuid,
-                sample.pci_bus_id,
-                f"nvidia{status.index}",
-                sample.model,
-                self._hostname,
-                self._hostname,
-                driver,
-            ]
+            return self._dcgm_labels(status, sample, snapshot)
 
         for field, documentation, value_of in _DCGM_GAUGES:
             family = GaugeMetricFamily(field, documentation, labels=DCGM_LABELS)

@@ -256,6 +256,14 @@ def gpu_detail() -> dict[str, Any]:
                 target(f"rayrack_gpu_utilization_ratio{{{sel}}}", f"{legend} SM"),
                 target(f"rayrack_gpu_memory_utilization_ratio{{{sel}}}", f"{legend} memory"),
             ], "percentunit"),
+            series("Activity (GPM)", [
+                target(f"rayrack_gpu_sm_active_ratio{{{sel}}}", f"{legend} SM active"),
+                target(f"rayrack_gpu_sm_occupancy_ratio{{{sel}}}", f"{legend} SM occupancy"),
+                target(f"rayrack_gpu_tensor_active_ratio{{{sel}}}", f"{legend} tensor"),
+                target(f"rayrack_gpu_dram_active_ratio{{{sel}}}", f"{legend} DRAM"),
+            ], "percentunit",
+                description="What the GPU really does (Hopper and later, mean since the previous collection); "
+                "utilisation counts it 100 % busy while one tiny kernel runs. Empty for GPUs without GPM."),
             series("Memory", [
                 target(f"rayrack_gpu_memory_used_bytes{{{sel}}}", f"{legend} used"),
                 target(f"rayrack_gpu_memory_total_bytes{{{sel}}}", f"{legend} total"),

@@ -128,6 +128,25 @@ class EccCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class GpmSample:
+    """GPU Performance Monitoring (Hopper and later): means over the interval since the previous read.
+
+    Ratios are 0..1 (fraction of the interval, or of the theoretical maximum for occupancy and DRAM
+    bandwidth); rates are bytes per second. A value is None when NVML did not report that metric.
+    """
+
+    graphics_active_ratio: float | None = None
+    sm_active_ratio: float | None = None
+    sm_occupancy_ratio: float | None = None
+    tensor_active_ratio: float | None = None
+    dram_active_ratio: float | None = None
+    pcie_tx_bytes_per_second: float | None = None
+    pcie_rx_bytes_per_second: float | None = None
+    nvlink_tx_bytes_per_second: float | None = None
+    nvlink_rx_bytes_per_second: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RemappedRows:
     """Row remapping of HBM (NVML's nvmlDeviceGetRemappedRows): rows remapped so far, and the remapper's state.
 
@@ -180,6 +199,8 @@ class GpuSample:
     nvlink_rx_bytes_total: int | None = None
     # None: the process list could not be read (unknown), () : no processes.
     processes: tuple[GpuProcess, ...] | None = None
+    # None: the GPU has no GPM, this is its first read (GPM needs two), or the read failed.
+    gpm: GpmSample | None = None
     # Health fields.
     fan_speed_ratio: float | None = None
     memory_temperature_celsius: float | None = None
@@ -266,6 +287,7 @@ FIELD_NAMES = (
     "pcie",
     "nvlink",
     "processes",
+    "gpm",
     *HEALTH_FIELD_NAMES,
 )
 # Calls that are not per field: opening a device (handle and identity), and library-wide calls.

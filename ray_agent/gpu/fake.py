@@ -52,6 +52,13 @@ string such as ``90s``, ``1m30s``, ``250ms``. Sizes are bytes or strings such as
         # process_memory: 18GiB                  # memory of each such process (default 1GiB)
         faults:
           - {call: any, error: GPU_IS_LOST, from: 60s, until: 90s}
+        # GPM (GPU Performance Monitoring, Hopper and later), see "GPM" below
+        gpm: true                    # the GPU has GPM (default false)
+        graphics_active: 0.9         # traces, ratio 0..1; graphics_active defaults to utilization,
+        sm_active: 0.6               # the others to 0
+        sm_occupancy: 0.3
+        tensor_active: 0.4
+        dram_active: 0.5
 
 Traces
 ------
@@ -59,6 +66,17 @@ A trace is either a single number (constant) or a list of segments. Each segment
 ``value``, or ramps linearly ``from`` -> ``to``. The list loops forever: its period is the sum of the
 segments. Byte counters fed by a rate trace (NVLink) are the exact integral of the trace.
 
+GPM
+---
+With ``gpm: true`` a GPU answers NVML's GPM calls; without it GPM is not supported there (the keys
+``graphics_active``, ``sm_active``, ``sm_occupancy``, ``tensor_active`` and ``dram_active`` are then an
+error). ``graphics_active`` is the fraction of time any kernel ran (what utilisation also says);
+``sm_active`` the fraction of SM cycles with work, so one tiny kernel keeps utilisation at 1 but
+``sm_active`` near 0; ``sm_occupancy`` resident warps against the maximum; ``tensor_active`` tensor-core
+cycles; ``dram_active`` DRAM bandwidth against the peak. GPM's PCIe and NVLink rates are the GPU's
+``pcie_*`` and ``nvlink_*`` traces. Each GPM value is the exact mean of its trace over the interval
+between two consecutive reads of the GPU (the integral over the interval divided by its length): the first
+read after init has none, and a failed read (a ``gpm`` fault) leaves the previous one as the start.
 Health fields
 -------------
 Energy is not a key: ``nvmlDeviceGetTotalEnergyConsumption`` is the exact integral of ``power_watts``
@@ -98,7 +116,7 @@ Faults
 ``call`` is ``init``, ``shutdown``, ``device`` (opening a GPU: handle and identity), a field name (memory,
 utilization, power, temperature, sm_clock, memory_clock, ecc, xid, pcie, nvlink, processes, fan_speed,
 memory_temperature, energy, pcie_replay, encoder_utilization, decoder_utilization, memory_reserved,
-remapped_rows, retired_pages, clock_events; ``FIELD_NAMES``) or ``any``.
+remapped_rows, retired_pages, clock_events, gpm; ``FIELD_NAMES``) or ``any``.
 ``error`` is an NVML code (number) or name (``NOT_SUPPORTED``, ``DRIVER_NOT_LOADED``, ``LIBRARY_NOT_FOUND``,
 ``GPU_IS_LOST``, ``RESET_REQUIRED``, ``LIB_RM_VERSION_MISMATCH``, ... see ``NVML_ERROR_NAMES``), or ``hang``:
 the call blocks until the window ends or the backend shuts down. A fault is active from ``from`` (default
@@ -112,7 +130,7 @@ import threading
 import time
 import uuid as uuid_module
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +147,7 @@ from ray_agent.gpu.base import (
     BackendInfo,
     EccCounts,
     FieldCollector,
+    GpmSample,
     GpuError,
     GpuProcess,
     GpuSample,
@@ -205,6 +224,10 @@ class Trace:
             total += segment.area_until(segment.duration)
             offset -= segment.duration
         return total
+
+    def mean(self, start: float, end: float) -> float:
+        """Mean of the trace from `start` to `end` (end > start): what GPM reports for that interval."""
+        return (self.integral(end) - self.integral(start)) / (end - start)
 
 
 # --- scenario model -------------------------------------------------------------------------------
@@ -357,6 +380,39 @@ class FakeGpu:
     delay: float | None
     processes_from_cuda_visible_devices: bool = False
     process_memory_bytes: int = 2**30
+    gpm: FakeGpm | None = None  # None: the GPU has no GPM
+
+
+@dataclass(frozen=True, slots=True)
+class FakeGpm:
+    """The activity traces of a GPU with GPM (see GPM_FIELDS for what each becomes)."""
+
+    graphics_active: Trace
+    sm_active: Trace
+    sm_occupancy: Trace
+    tensor_active: Trace
+    dram_active: Trace
+
+
+# GpmSample field -> the trace it is the interval mean of: FakeGpm's traces, then FakeGpu's PCIe and NVLink.
+GPM_FIELDS: tuple[tuple[str, str], ...] = (
+    ("graphics_active_ratio", "graphics_active"),
+    ("sm_active_ratio", "sm_active"),
+    ("sm_occupancy_ratio", "sm_occupancy"),
+    ("tensor_active_ratio", "tensor_active"),
+    ("dram_active_ratio", "dram_active"),
+    ("pcie_tx_bytes_per_second", "pcie_tx"),
+    ("pcie_rx_bytes_per_second", "pcie_rx"),
+    ("nvlink_tx_bytes_per_second", "nvlink_tx"),
+    ("nvlink_rx_bytes_per_second", "nvlink_rx"),
+)
+GPM_TRACE_KEYS = tuple(f.name for f in fields(FakeGpm))
+
+
+def gpm_trace(gpu: FakeGpu, name: str) -> Trace:
+    """The trace behind one GPM_FIELDS entry of a GPU with GPM."""
+    assert gpu.gpm is not None
+    return getattr(gpu.gpm, name) if name in GPM_TRACE_KEYS else getattr(gpu, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +465,7 @@ _GPU_KEYS = {
         "fabric",
     ),
 }
+_GPM_KEYS = {"gpm", *GPM_TRACE_KEYS}
 FROM_CUDA_VISIBLE_DEVICES = "from_cuda_visible_devices"
 _FAULT_KEYS = {"call", "error", "from", "until", "every", "gpu"}
 _PROCESS_KEYS = {"pid", "user", "memory", "from", "until"}
@@ -692,7 +749,7 @@ class _Parser:
         return Topology(pcie, NvlinkLinks(count, speed, down, speeds), fabric)
 
     def gpu(self, node: Any, path: str, index: int, gpu_count: int) -> tuple[FakeGpu, tuple[Fault, ...]]:
-        self.mapping(node, path, _GPU_KEYS, required=("model", "memory_total"))
+        self.mapping(node, path, _GPU_KEYS | _GPM_KEYS, required=("model", "memory_total"))
 
         def ratio(v: Any, p: str) -> float:
             return self.number(v, p, 0.0, 1.0)
@@ -817,10 +874,27 @@ class _Parser:
             delay=self.duration(node["delay"], _join(path, "delay")) if "delay" in node else None,
             processes_from_cuda_visible_devices=discover,
             process_memory_bytes=process_memory,
+            gpm=self.gpm(node, path, trace, ratio),
             health=self.health(node, path, trace, total),
             topology=self.topology(node, path),
         )
         return gpu, tuple(faults)
+
+    def gpm(
+        self, node: dict, path: str, trace: Callable[..., Trace], ratio: Callable[[Any, str], float]
+    ) -> FakeGpm | None:
+        if not self.boolean(node.get("gpm", False), _join(path, "gpm")):
+            for key in GPM_TRACE_KEYS:
+                if key in node:
+                    raise self.fail(_join(path, key), "a GPM trace needs gpm: true on this GPU (Hopper and later)")
+            return None
+        utilization = trace("utilization", ratio, 0.0)
+        return FakeGpm(
+            **{
+                key: utilization if key == "graphics_active" and key not in node else trace(key, ratio, 0.0)
+                for key in GPM_TRACE_KEYS
+            }
+        )
 
     def scenario(self, document: Any) -> Scenario:
         if document is None:
@@ -940,6 +1014,8 @@ class FakeBackend:
         self._origin = self._clock.monotonic()
         self._closed = threading.Event()
         self._initialised = False
+        # Scenario time of each GPU's previous GPM read (its start of the next interval); cleared by init.
+        self._gpm_previous: dict[int, float] = {}
 
     def scenario_time(self) -> float:
         return self._clock.monotonic() - self._origin
@@ -974,6 +1050,7 @@ class FakeBackend:
         self._closed.clear()
         self._call("init", None)
         self._initialised = True
+        self._gpm_previous.clear()
         return BackendInfo(self.name, self.scenario.driver_version, len(self.scenario.gpus))
 
     def shutdown(self) -> None:
@@ -1026,6 +1103,7 @@ class FakeBackend:
         processes = read(
             "processes", lambda: tuple(GpuProcess(p.pid, p.memory_bytes, p.user) for p in running)
         )
+        gpm = read("gpm", lambda: self._gpm(index, gpu, t)) if gpu.gpm is not None else None
         health = _read_health(gpu, t, read)
         return GpuSample(
             index=index,
@@ -1049,9 +1127,19 @@ class FakeBackend:
             nvlink_tx_bytes_total=nvlink[0] if nvlink is not None else None,
             nvlink_rx_bytes_total=nvlink[1] if nvlink is not None else None,
             processes=processes,
+            gpm=gpm,
             **health,
             field_errors=tuple(fields.errors),
         )
+
+    def _gpm(self, index: int, gpu: FakeGpu, t: float) -> GpmSample | None:
+        previous = self._gpm_previous.get(index)
+        if previous is not None and t <= previous:
+            return None  # no time has passed since the previous read: nothing to average over
+        self._gpm_previous[index] = t
+        if previous is None:
+            return None
+        return GpmSample(**{name: gpm_trace(gpu, trace).mean(previous, t) for name, trace in GPM_FIELDS})
 
 
 def _read_health(gpu: FakeGpu, t: float, read: Callable[[str, Callable[[], Any]], Any]) -> dict[str, Any]:

@@ -9,16 +9,18 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pynvml
 
 from ray_agent.gpu.base import (
     DEVICE_CALL,
+    NVML_ERROR_CODES,
     BackendInfo,
     EccCounts,
     FieldCollector,
+    GpmSample,
     GpuError,
     GpuProcess,
     GpuSample,
@@ -33,6 +35,20 @@ _MHZ = 1_000_000
 _ALL_LINKS = 0xFFFFFFFF
 # Bound on XID events drained per read, so an event storm cannot keep one read busy.
 _MAX_EVENTS_PER_READ = 1000
+_MIB = 1024 * 1024
+_PERCENT = 100.0
+# GpmSample field -> (NVML GPM metric, NVML's unit -> the sample's: percent -> ratio, MiB/s -> bytes/s).
+_GPM_METRICS: tuple[tuple[str, int, Callable[[float], float]], ...] = (
+    ("graphics_active_ratio", pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL, lambda v: v / _PERCENT),
+    ("sm_active_ratio", pynvml.NVML_GPM_METRIC_SM_UTIL, lambda v: v / _PERCENT),
+    ("sm_occupancy_ratio", pynvml.NVML_GPM_METRIC_SM_OCCUPANCY, lambda v: v / _PERCENT),
+    ("tensor_active_ratio", pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL, lambda v: v / _PERCENT),
+    ("dram_active_ratio", pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL, lambda v: v / _PERCENT),
+    ("pcie_tx_bytes_per_second", pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC, lambda v: v * _MIB),
+    ("pcie_rx_bytes_per_second", pynvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC, lambda v: v * _MIB),
+    ("nvlink_tx_bytes_per_second", pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC, lambda v: v * _MIB),
+    ("nvlink_rx_bytes_per_second", pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC, lambda v: v * _MIB),
+)
 
 
 def _nvml(call: str, fn: Callable[..., T], *args: Any) -> T:
@@ -44,8 +60,10 @@ def _nvml(call: str, fn: Callable[..., T], *args: Any) -> T:
 
 # The symbol is missing from this driver's libnvidia-ml (an older driver): for a health field that means
 # "not supported here", not a broken library, so it is turned into NOT_SUPPORTED for that field alone.
-_FUNCTION_NOT_FOUND = 13
-_NOT_SUPPORTED = 3
+_FUNCTION_NOT_FOUND = NVML_ERROR_CODES["FUNCTION_NOT_FOUND"]
+_NOT_SUPPORTED = NVML_ERROR_CODES["NOT_SUPPORTED"]
+# A GPM support query failing with these means "no GPM here" (pre-Hopper GPU, or a driver without GPM calls).
+_GPM_ABSENT = frozenset({_NOT_SUPPORTED, _FUNCTION_NOT_FOUND})
 # nvmlValueType_t -> the member of nvmlFieldValue_t.value holding it.
 _VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
 
@@ -78,6 +96,15 @@ def _text(value: bytes | str) -> str:
 
 
 @dataclass
+class _Gpm:
+    """A GPU's GPM state: support, decided at its first successful query, and two sample buffers."""
+
+    supported: bool | None = None  # None: not asked successfully yet
+    samples: tuple[Any, Any] | None = None
+    previous: Any | None = None  # the buffer holding the previous read's sample
+
+
+@dataclass
 class _Device:
     handle: Any
     uuid: str
@@ -87,6 +114,7 @@ class _Device:
     event_error: GpuError | None
     xid_count: int = 0
     last_xid: int | None = None
+    gpm: _Gpm = field(default_factory=_Gpm)
 
 
 class NvmlBackend:
@@ -108,6 +136,10 @@ class NvmlBackend:
         with self._lock:
             devices, self._devices = self._devices, {}
         for device in devices.values():
+            if device.gpm.samples is not None:
+                for sample in device.gpm.samples:
+                    with contextlib.suppress(pynvml.NVMLError):
+                        pynvml.nvmlGpmSampleFree(sample)
             if device.event_set is not None:
                 # The library is going away anyway; a failure to free changes nothing.
                 with contextlib.suppress(pynvml.NVMLError):
@@ -176,6 +208,7 @@ class NvmlBackend:
         pcie = fields.read("pcie", lambda: self._read_pcie(handle))
         nvlink = fields.read("nvlink", lambda: self._read_nvlink(handle))
         processes = fields.read("processes", lambda: self._read_processes(handle))
+        gpm = fields.read("gpm", lambda: self._read_gpm(device))
         health = _read_health(handle, fields)
 
         return GpuSample(
@@ -200,6 +233,7 @@ class NvmlBackend:
             nvlink_tx_bytes_total=nvlink[0] if nvlink is not None else None,
             nvlink_rx_bytes_total=nvlink[1] if nvlink is not None else None,
             processes=processes,
+            gpm=gpm,
             **health,
             field_errors=tuple(fields.errors),
         )
@@ -259,6 +293,57 @@ class NvmlBackend:
             )
             for p in found
         )
+
+    @staticmethod
+    def _read_gpm(device: _Device) -> GpmSample | None:
+        """Metrics between the previous read and this one; None on the first read and where there is no GPM."""
+        state = device.gpm
+        if state.supported is None:
+            # A failure here is counted and the question asked again on the next read.
+            supported = NvmlBackend._gpm_supported(device.handle)
+            if supported:
+                first = _nvml("gpm", pynvml.nvmlGpmSampleAlloc)
+                try:
+                    second = _nvml("gpm", pynvml.nvmlGpmSampleAlloc)
+                except GpuError:
+                    with contextlib.suppress(pynvml.NVMLError):
+                        pynvml.nvmlGpmSampleFree(first)
+                    raise
+                state.samples = (first, second)
+            state.supported = supported
+        if state.samples is None:
+            return None
+        first, second = state.samples
+        current = second if state.previous is first else first
+        _nvml("gpm", pynvml.nvmlGpmSampleGet, device.handle, current)
+        previous, state.previous = state.previous, current
+        if previous is None:
+            return None
+        request = pynvml.c_nvmlGpmMetricsGet_t()
+        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(_GPM_METRICS)
+        request.sample1 = previous
+        request.sample2 = current
+        for i, (_, metric, _) in enumerate(_GPM_METRICS):
+            request.metrics[i].metricId = metric
+        _nvml("gpm", pynvml.nvmlGpmMetricsGet, request)
+        # A metric this GPU does not report (nvmlReturn set per metric) is left out of the sample.
+        return GpmSample(
+            **{
+                name: convert(request.metrics[i].value)
+                for i, (name, _, convert) in enumerate(_GPM_METRICS)
+                if request.metrics[i].nvmlReturn == pynvml.NVML_SUCCESS
+            }
+        )
+
+    @staticmethod
+    def _gpm_supported(handle: Any) -> bool:
+        try:
+            return bool(_nvml("gpm", pynvml.nvmlGpmQueryDeviceSupport, handle).isSupportedDevice)
+        except GpuError as err:
+            if err.code in _GPM_ABSENT:
+                return False
+            raise
 
 
 # --- health fields ---------------------------------------------------------------------------------

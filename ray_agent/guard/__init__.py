@@ -99,9 +99,10 @@ class Guard:
         for thread in self._threads:
             thread.start()
         log.info(
-            "idle guard enabled%s: idle below %.0f%% for %gs -> %s",
+            "idle guard enabled%s: idle below %.0f%% (signal %s) for %gs -> %s",
             " (dry-run)" if self.config.dry_run else "",
             self.config.idle_threshold * 100,
+            self.config.signal,
             self.config.window,
             describe_stages(self.config),
         )

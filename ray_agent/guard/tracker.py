@@ -3,9 +3,9 @@
 Each snapshot classifies every GPU:
 
 * ``free``: the GPU was read and no compute process holds it.
-* ``unknown``: the GPU, its process list or its utilisation could not be read. Unknown counts as active: it
+* ``unknown``: the GPU, its process list or its activity could not be read. Unknown counts as active: it
   ends an idle run and never leads to an action.
-* ``busy``: processes hold it and utilisation is at or above ``idle_threshold``, or it is below but has not
+* ``busy``: processes hold it and its activity is at or above ``idle_threshold``, or it is below but has not
   been for a whole ``window`` yet (the idle clock is running; see the idle-run gauge).
 * ``idle_held``: processes hold it and every sample for at least ``window`` (and at least ``min_samples``
   samples) was below ``idle_threshold``, with no gap longer than ``max_gap`` between samples.
@@ -16,7 +16,14 @@ later and is emitted once per run as an :class:`Escalation`.
 
 MIG: NVML does not report utilisation for a GPU in MIG mode (NOT_SUPPORTED), and memory held says nothing
 about whether kernels run. Such a GPU is therefore ``unknown`` whenever processes hold it (the guard
-abstains) and ``free`` when none do. The same holds for any GPU whose utilisation is not readable.
+abstains) and ``free`` when none do. The same holds for any GPU whose activity is not readable.
+
+Activity is one value per sample, chosen by ``guard.signal`` in :func:`activity`: NVML's utilisation (the
+fraction of time any kernel ran, so one tiny kernel after another reads as 100 %), or GPM's SM activity
+(the fraction of SM cycles with work; Hopper and later). ``auto`` takes SM activity from GPUs that report
+GPM and utilisation from the others; on a GPM GPU's first read after the agent (re)initialised NVML there is
+no GPM interval yet, and that one sample is judged by utilisation. A GPM GPU whose GPM read failed is
+unknown, as is every GPU without GPM under ``sm_active``.
 
 Times are the sampler's monotonic clock while running; the state file stores wall-clock times so that a
 restarted agent can continue an idle run (see :class:`StateFile`).
@@ -36,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_agent.config import GuardConfig
+from ray_agent.gpu.base import GpuSample
 from ray_agent.sampler import GpuStatus, ProcessEntry, Snapshot
 
 log = logging.getLogger(__name__)
@@ -127,18 +135,30 @@ class Reading(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
-def classify(status: GpuStatus, holders: tuple[Holder, ...], threshold: float) -> Reading:
+def activity(sample: GpuSample, signal: str) -> float | None:
+    """The one activity value the guard compares with its threshold (guard.signal); None: unknown."""
+    if signal == "utilization":
+        return sample.utilization_ratio
+    if sample.gpm is not None:
+        return sample.gpm.sm_active_ratio
+    if signal == "sm_active" or any(e.field == "gpm" for e in sample.field_errors):
+        return None  # no GPM here, not yet, or its read failed
+    return sample.utilization_ratio
+
+
+def classify(status: GpuStatus, holders: tuple[Holder, ...], config: GuardConfig) -> Reading:
     sample = status.sample
     if not status.up or sample is None or sample.processes is None:
         return Reading.UNKNOWN
     if not sample.processes:
         return Reading.FREE
-    if sample.utilization_ratio is None:
+    value = activity(sample, config.signal)
+    if value is None:
         return Reading.UNKNOWN  # MIG or an unreadable field: abstain
     if not holders:
         # Processes listed but none made it into the snapshot (should not happen): do not guess.
         return Reading.UNKNOWN
-    return Reading.IDLE if sample.utilization_ratio < threshold else Reading.BUSY
+    return Reading.IDLE if value < config.idle_threshold else Reading.BUSY
 
 
 def _stage_delays(config: GuardConfig) -> tuple[tuple[str, float], ...]:
@@ -171,7 +191,7 @@ class Tracker:
         for status in snapshot.gpus:
             seen.add(status.index)
             holders = tuple(sorted(holders_by_gpu.get(status.index, ()), key=lambda h: h.pid))
-            reading = classify(status, holders, self.config.idle_threshold)
+            reading = classify(status, holders, self.config)
             if reading is not Reading.IDLE:
                 self._runs.pop(status.index, None)
                 self._last_held.pop(status.index, None)

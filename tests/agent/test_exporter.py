@@ -5,7 +5,6 @@ Regenerate the golden files with RAYRACK_UPDATE_GOLDEN=1 after an intended chang
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from ray_agent.cli import build_agent
 from ray_agent.clock import FakeClock
 from ray_agent.config import ExporterConfig, load_config
 from ray_agent.exporter import DCGM_NOT_FROM_NVML, SnapshotCollector
-from ray_agent.gpu.base import GpuSample
 from ray_agent.server import MetricsServer
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -32,7 +30,11 @@ def served_metrics(dcgm_compat: bool) -> str:
     config = load_config(SCENARIOS / "golden.config.yml", overrides)
     clock = FakeClock(wall=1_700_000_000.0, monotonic=500.0)
     agent = build_agent(config, clock=clock, host="127.0.0.1")
-    clock.advance(12)  # second utilisation segment, first XID seen, both processes running
+    # Two collections (GPM needs two reads), the second in the second utilisation segment, first XID seen,
+    # both processes running.
+    clock.advance(11)
+    agent.sampler.collect_once()
+    clock.advance(1)
     agent.sampler.collect_once()
     server = MetricsServer(agent.registry, "127.0.0.1", 0)
     server.start()
@@ -66,12 +68,12 @@ def test_golden_content_follows_the_rules() -> None:
     assert sample_value(body, "rayrack_gpu_power_watts", gpu="1") is None
     assert (
         sample_value(body, "rayrack_gpu_field_errors_total", gpu="1", field="power", error="NOT_SUPPORTED")
-        == 1
+        == 2  # once per collection
     )
     assert " -1" not in body
     # Lost GPU: up 0, nothing else about it but the error counter.
     assert sample_value(body, "rayrack_gpu_up", gpu="2") == 0
-    assert sample_value(body, "rayrack_gpu_read_errors_total", gpu="2", error="GPU_IS_LOST") == 1
+    assert sample_value(body, "rayrack_gpu_read_errors_total", gpu="2", error="GPU_IS_LOST") == 2
     assert not [
         line
         for line in body.splitlines()
@@ -104,6 +106,17 @@ def test_golden_content_follows_the_rules() -> None:
     assert "# TYPE DCGM_FI_DEV_XID_ERRORS gauge" in dcgm
     assert sample_value(dcgm, "DCGM_FI_DEV_XID_ERRORS", gpu="0") == 79
     assert sample_value(dcgm, "DCGM_FI_DEV_XID_ERRORS", gpu="1") == 0
+    # GPM: the mean between the two collections, only where the GPU has GPM; nothing counted elsewhere.
+    assert sample_value(body, "rayrack_gpu_sm_active_ratio", gpu="3") == pytest.approx(0.02)
+    assert sample_value(body, "rayrack_gpu_tensor_active_ratio", gpu="3") == pytest.approx(0.26)
+    assert sample_value(body, "rayrack_gpu_gpm_nvlink_bytes_per_second", gpu="3", direction="rx") == 2.5e9
+    assert sample_value(body, "rayrack_gpu_utilization_ratio", gpu="3") == 1.0
+    assert [line for line in metric_lines(body, "rayrack_gpu_sm_active_ratio") if 'gpu="3"' not in line] == []
+    assert 'field="gpm"' not in body
+    assert sample_value(dcgm, "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", gpu="3") == pytest.approx(0.26)
+    assert sample_value(dcgm, "DCGM_FI_PROF_GR_ENGINE_ACTIVE", gpu="3") == 1.0
+    assert sample_value(dcgm, "DCGM_FI_PROF_PCIE_TX_BYTES", gpu="3") == 3 * 2**20
+    assert sample_value(dcgm, "DCGM_FI_PROF_SM_ACTIVE", gpu="0") is None
 
 
 def test_golden_health_fields() -> None:
@@ -189,6 +202,35 @@ def test_recovered_gpu_series_return() -> None:
     assert sample_value(up, "rayrack_gpu_read_errors_total", gpu="0", error="GPU_IS_LOST") == 1
 
 
+def test_dcgm_profiling_fields_have_dcgm_exporters_types_and_help() -> None:
+    """Each DCGM_FI_PROF_* family is typed and described as in dcgm-exporter's own counter list (its lines
+    commented out there are fields it knows but does not collect by default; an active line wins)."""
+    csv = required.ecosystem("counters/dcgm-exporter-dcp-metrics-included.csv")
+    active: dict[str, tuple[str, str]] = {}
+    known: dict[str, tuple[str, str]] = {}
+    for line in csv.read_text(encoding="utf-8").splitlines():
+        entry = line.removeprefix("# ")
+        if entry.startswith("DCGM_FI_PROF_"):
+            name, kind, documentation = (part.strip() for part in entry.split(",", 2))
+            (known if line.startswith("#") else active)[name] = (kind, documentation)
+    theirs = {**known, **active}
+    body = (GOLDEN / "dcgm_compat.prom").read_text()
+    ours = {
+        line.split()[2]: line.split(None, 3)[3]
+        for line in body.splitlines()
+        if line.startswith("# HELP DCGM_FI_PROF_")
+    }
+    assert set(ours) >= {"DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "DCGM_FI_PROF_GR_ENGINE_ACTIVE"}
+    compared = 0
+    for name, documentation in ours.items():
+        if name not in theirs:
+            continue  # NVLink rates: in DCGM's field list, not in that file
+        assert f"# TYPE {name} {theirs[name][0]}" in body, name
+        assert documentation == theirs[name][1], name
+        compared += 1
+    assert compared >= 7
+
+
 def dcgm_default_counters() -> list[tuple[str, str]]:
     """(field, type) of every active line of dcgm-exporter's default-counters.csv."""
     fields = []
@@ -203,20 +245,20 @@ def dcgm_default_counters() -> list[tuple[str, str]]:
 
 def test_every_dcgm_default_counter_is_exported() -> None:
     """With dcgm_compat, GPU 0 of the golden scenario (every field set) has each default dcgm-exporter field,
-    except those NVML cannot supply with dcgm's meaning (listed, with reasons, in the exporter)."""
+    except those NVML cannot supply with dcgm's meaning (listed, with reasons, in the exporter); the profiling
+    fields (GPM, Hopper and later) are on its H100, GPU 3."""
     fields = dcgm_default_counters()
     assert len(fields) > 20 and ("DCGM_FI_DEV_DEC_UTIL", "gauge") in fields
     body = served_metrics(dcgm_compat=True)
-    # The profiling fields come from GPM samples (`GpuSample.gpm`); checked once samples carry them.
-    gpm = "gpm" in {f.name for f in dataclasses.fields(GpuSample)}
     missing = []
     for name, kind in fields:
-        if name in DCGM_NOT_FROM_NVML or (name.startswith("DCGM_FI_PROF_") and not gpm):
+        if name in DCGM_NOT_FROM_NVML:
             continue
         if kind == "label":
             present = f'{name}="' in metric_lines(body, "DCGM_FI_DEV_GPU_UTIL")[0]
         else:
-            present = sample_value(body, name, gpu="0") is not None
+            gpu = "3" if name.startswith("DCGM_FI_PROF_") else "0"
+            present = sample_value(body, name, gpu=gpu) is not None
         if not present:
             missing.append(name)
     assert not missing, f"not exported: {missing}"

@@ -37,6 +37,33 @@ def test_steady_busy_never_fires(tracker: Tracker) -> None:
     assert max(track.idle_seconds for _, o in trace.observations for track in o.tracks) == 0
 
 
+@pytest.mark.parametrize(
+    ("signal", "states", "notified"),
+    [
+        # NVML's utilisation: every GPU is 100 % busy.
+        ("utilization", ("busy", "busy", "busy"), None),
+        # SM activity: the tiny-kernel GPU is idle from its second read (the first has no GPM interval yet);
+        # the GPU without GPM cannot be judged.
+        ("sm_active", ("idle_held", "unknown", "busy"), 310.0),
+        # auto: SM activity where there is GPM; the first read falls back to utilisation (busy).
+        ("auto", ("idle_held", "busy", "busy"), 310.0),
+    ],
+)
+def test_the_signal_decides_whether_tiny_kernels_are_idle(
+    tmp_path: Path, signal: str, states: tuple[str, ...], notified: float | None
+) -> None:
+    clock = FakeClock()
+    tracker = Tracker(guard_config(tmp_path, signal=signal))
+    trace = drive(scenario_sampler("guard-busy-kernels.yml", clock), clock, tracker, 900)
+    last = trace.observations[-1][1]
+    assert tuple(track.state.value for track in last.tracks) == states
+    assert trace.fired(1) == [] and trace.fired(2) == []
+    if notified is None:
+        assert trace.fired(0) == []
+    else:
+        assert trace.fired(0)[0] == (notified, "notify")
+
+
 def test_idle_after_busy_fires_each_stage_once_on_time(tracker: Tracker) -> None:
     clock = FakeClock()
     trace = drive(scenario_sampler("guard-idle-after-busy.yml", clock), clock, tracker, 3600)

@@ -20,7 +20,15 @@ from agent.support import PROC_FIXTURE, SCENARIOS, sample_value
 from ray_agent.attribution import Attribution
 from ray_agent.cli import build_agent, render_guard
 from ray_agent.clock import FakeClock
-from ray_agent.config import AttributionConfig, CollectionConfig, ConfigError, GuardConfig, GuardStages, build_config
+from ray_agent.config import (
+    GUARD_SIGNALS,
+    AttributionConfig,
+    CollectionConfig,
+    ConfigError,
+    GuardConfig,
+    GuardStages,
+    build_config,
+)
 from ray_agent.gpu.fake import FakeBackend, ScenarioError, bundled_scenarios, load_scenario, parse_scenario
 from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler
@@ -32,6 +40,7 @@ def test_guard_defaults_are_off_and_dry_run() -> None:
     guard = build_config({}).guard
     assert guard == GuardConfig()
     assert (guard.enabled, guard.dry_run, guard.idle_threshold, guard.window) == (False, True, 0.05, 1800.0)
+    assert guard.signal == "auto"
     assert guard.stages == GuardStages(notify_after=0.0, stop_after=None, kill_after=None, kill_grace=None)
 
 
@@ -41,6 +50,7 @@ def test_guard_section_parses(tmp_path: Path) -> None:
             "enabled": True,
             "dry_run": False,
             "idle_threshold": 0.1,
+            "signal": "sm_active",
             "window": "45m",
             "min_samples": 10,
             "max_gap": "1m",
@@ -57,6 +67,13 @@ def test_guard_section_parses(tmp_path: Path) -> None:
     assert guard.stages == GuardStages(0.0, 900.0, 1800.0, 30.0)
     assert guard.webhook_url_file == tmp_path / "hook.url" and guard.audit_log == tmp_path / "audit.jsonl"
     assert guard.allow_users == ("svc-*",)
+    assert guard.signal == "sm_active"
+
+
+def test_the_role_offers_exactly_the_agents_signals() -> None:
+    specs = Path(__file__).resolve().parents[2] / "roles" / "ray_agent" / "meta" / "argument_specs.yml"
+    option = yaml.safe_load(specs.read_text())["argument_specs"]["main"]["options"]["ray_agent_guard_signal"]
+    assert option["choices"] == list(GUARD_SIGNALS) and option["default"] == GuardConfig().signal
 
 
 def test_a_short_window_lowers_the_default_max_gap() -> None:
@@ -66,10 +83,14 @@ def test_a_short_window_lowers_the_default_max_gap() -> None:
 @pytest.mark.parametrize(
     ("guard", "message"),
     [
-        ({"idle": 1}, r"guard\.idle: unknown key; allowed keys: enabled, dry_run, idle_threshold, window"),
+        ({"idle": 1}, r"guard\.idle: unknown key; allowed keys: enabled, dry_run, idle_threshold, signal, window"),
         ({"stages": {"warn_after": "1m"}}, r"guard\.stages\.warn_after: unknown key; allowed keys: notify_after"),
         ({"idle_threshold": 5}, r"guard\.idle_threshold: expected a ratio above 0 and at most 1, got 5"),
         ({"min_samples": 0}, r"guard\.min_samples: must be at least 1"),
+        (
+            {"signal": "sm_util"},
+            r"guard\.signal: 'sm_util' is not allowed; allowed values: auto, utilization, sm_active",
+        ),
         ({"dry_run": "no"}, r"guard\.dry_run: expected true or false"),
         ({"stages": {"kill_after": "1h"}}, r"guard\.stages\.kill_grace: is required when kill_after is set"),
         (
@@ -154,7 +175,7 @@ def test_check_summarises_the_guard(tmp_path: Path) -> None:
     )
     render_guard(config, out)
     assert out.getvalue() == (
-        "Idle guard   dry-run: held GPUs below 5% for 1800s -> notify after 0s, stop after 600s, "
+        "Idle guard   dry-run: held GPUs below 5% (auto) for 1800s -> notify after 0s, stop after 600s, "
         "kill after 1200s (grace 30s); webhook from $HOOK; audit /var/lib/ray-agent/guard-audit.jsonl\n"
     )
 

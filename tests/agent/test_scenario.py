@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.support import SCENARIOS
+from ray_agent.clock import FakeClock
 from ray_agent.gpu.fake import (
+    FakeBackend,
     ScenarioError,
     Trace,
     bundled_scenarios,
@@ -174,6 +176,15 @@ def test_constant_trace_integral() -> None:
         ),
         ({"gpu": []}, r"gpu: unknown key; allowed keys: delay, driver_version, faults, gpus"),
         ({"gpus": [], "driver_version": 550.1}, r"driver_version: expected a string"),
+        (
+            {"gpus": [{"model": "T", "memory_total": "1GiB", "sm_active": 0.5}]},
+            r"gpus\[0\]\.sm_active: a GPM trace needs gpm: true",
+        ),
+        ({"gpus": [{"model": "T", "memory_total": "1GiB", "gpm": "yes"}]}, r"gpus\[0\]\.gpm: expected true or"),
+        (
+            {"gpus": [{"model": "T", "memory_total": "1GiB", "gpm": True, "tensor_active": [{"for": 1, "value": 2}]}]},
+            r"gpus\[0\]\.tensor_active\[0\]\.value: 2 is above the maximum 1",
+        ),
     ],
 )
 def test_validation_names_the_key(document: dict, message: str) -> None:
@@ -207,7 +218,8 @@ def test_bundled_scenarios_load_and_resolve() -> None:
     demo = load_scenario(resolve_scenario_path("builtin:demo-8gpu"))
     assert len(demo.gpus) == 8
     # YAML merge keys give every copy its own processes but the shared model.
-    assert {g.model for g in demo.gpus} == {"NVIDIA A100-SXM4-80GB"}
+    assert {g.model for g in demo.gpus} == {"NVIDIA H100 80GB HBM3"}
+    assert all(g.gpm is not None for g in demo.gpus)
     with pytest.raises(ScenarioError, match="no bundled scenario 'nope'"):
         resolve_scenario_path("builtin:nope")
 
@@ -235,3 +247,46 @@ def test_derived_uuids_differ_between_hosts_but_not_between_runs() -> None:
     assert [g.uuid for g in node1.gpus] == [g.uuid for g in node1_again.gpus]
     assert not {g.uuid for g in node1.gpus} & {g.uuid for g in node2.gpus}
     assert len({g.uuid for g in node1.gpus}) == 2
+
+
+def test_gpm_is_the_mean_between_reads_and_a_failed_read_keeps_its_start() -> None:
+    clock = FakeClock()
+    text = yaml.safe_dump(
+        {
+            "gpus": [
+                {
+                    "model": "H",
+                    "memory_total": "80GiB",
+                    "gpm": True,
+                    "utilization": 1.0,
+                    "sm_active": [{"for": "10s", "value": 0.02}, {"for": "10s", "value": 0.5}],
+                    "dram_active": [{"for": "20s", "from": 0.0, "to": 1.0}],
+                    "pcie_tx_bytes_per_second": 4.0e8,
+                    "faults": [{"call": "gpm", "error": "UNKNOWN", "from": "20s", "until": "25s"}],
+                },
+                {"model": "A", "memory_total": "80GiB", "utilization": 1.0},
+            ]
+        }
+    )
+    backend = FakeBackend(parse_scenario(text), clock)
+    backend.init()
+    assert backend.read_device(0).gpm is None  # first read: no interval yet
+    clock.advance(15)
+    gpm = backend.read_device(0).gpm
+    assert gpm is not None
+    assert gpm.sm_active_ratio == pytest.approx((10 * 0.02 + 5 * 0.5) / 15)
+    assert gpm.dram_active_ratio == pytest.approx(15 / 20 / 2)
+    assert gpm.graphics_active_ratio == 1.0 and gpm.tensor_active_ratio == 0.0
+    assert gpm.pcie_tx_bytes_per_second == pytest.approx(4.0e8)
+    clock.advance(7)  # t=22: the read fails and is counted; the interval keeps starting at 15
+    failed = backend.read_device(0)
+    assert failed.gpm is None and [e.field for e in failed.field_errors] == ["gpm"]
+    clock.advance(8)  # t=30
+    assert backend.read_device(0).gpm.sm_active_ratio == pytest.approx((5 * 0.5 + 10 * 0.02) / 15)
+    backend.init()  # a re-init starts over, as NVML's sample buffers do
+    assert backend.read_device(0).gpm is None
+    # No GPM: nothing, nothing counted.
+    plain = backend.read_device(1)
+    clock.advance(5)
+    plain = backend.read_device(1)
+    assert plain.gpm is None and plain.field_errors == ()

@@ -8,6 +8,9 @@ tests/scenarios/:
      Goal: latency <= window + one collection interval.
   2. False positives: escalations on the traces whose pauses are shorter than the window, or that NVML
      fails to read part of the time, or that never pause. Goal: 0.
+  3. Signal: GPUs at 100 % utilisation, one of them launching tiny kernels (2 % SM activity, from GPM), judged
+     under each guard.signal. Goal: idle_held under sm_active and auto, busy under utilization (what the
+     guard did before it could read GPM); the really busy GPU busy under all.
 Exits 0 whatever the outcome; each line says PASS or MISS.
 """
 
@@ -23,9 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from ray_agent.clock import FakeClock  # noqa: E402
-from ray_agent.config import CollectionConfig, GuardConfig, GuardStages  # noqa: E402
+from ray_agent.config import GUARD_SIGNALS, CollectionConfig, GuardConfig, GuardStages  # noqa: E402
 from ray_agent.gpu.fake import FakeBackend, Scenario, load_scenario  # noqa: E402
-from ray_agent.guard.tracker import Tracker  # noqa: E402
+from ray_agent.guard.tracker import GpuTrack, Tracker  # noqa: E402
 from ray_agent.host import HostReader  # noqa: E402
 from ray_agent.sampler import Sampler  # noqa: E402
 
@@ -50,6 +53,13 @@ NO_FIRE = [
     ("guard-nvml-errors.yml", (5.0, 10.0)),
 ]
 NO_FIRE_SKIP = {("guard-nvml-errors.yml", 3)}  # the control GPU of that scenario, which does fire
+# guard-busy-kernels.yml: GPU 0 tiny kernels (GPM), GPU 1 no GPM, GPU 2 really busy (GPM); state after 15 min.
+SIGNAL_SCENARIO = "guard-busy-kernels.yml"
+SIGNAL_EXPECTED = {
+    "utilization": ("busy", "busy", "busy"),
+    "sm_active": ("idle_held", "unknown", "busy"),
+    "auto": ("idle_held", "busy", "busy"),
+}
 WINDOWS = (60.0, 300.0, 1800.0)
 INTERVALS = (1.0, 5.0, 15.0, 30.0)
 PHASES = (0.0, 0.37, 0.93)  # fraction of an interval between the scenario's start and the first sample
@@ -83,6 +93,13 @@ def true_idle_start(scenario: Scenario, gpu: int, window: float, horizon: float)
 
 
 def simulate(scenario: Scenario, guard: GuardConfig, interval: float, phase: float, seconds: float) -> list:
+    return run(scenario, guard, interval, phase, seconds)[0]
+
+
+def run(
+    scenario: Scenario, guard: GuardConfig, interval: float, phase: float, seconds: float
+) -> tuple[list, tuple[GpuTrack, ...]]:
+    """Escalations as (seconds, gpu, stage), and the GPUs' tracks after the last collection."""
     clock = FakeClock()
     sampler = Sampler(
         FakeBackend(scenario, clock), HostReader(PROC_FIXTURE), None, CollectionConfig(interval, 1.0), clock
@@ -90,15 +107,18 @@ def simulate(scenario: Scenario, guard: GuardConfig, interval: float, phase: flo
     tracker = Tracker(guard)
     clock.advance(phase * interval)
     fired = []
+    tracks: tuple[GpuTrack, ...] = ()
     origin = clock.monotonic() - phase * interval
     try:
         while clock.monotonic() - origin <= seconds:
-            for escalation in tracker.observe(sampler.collect_once()).escalations:
+            observation = tracker.observe(sampler.collect_once())
+            tracks = observation.tracks
+            for escalation in observation.escalations:
                 fired.append((clock.monotonic() - origin, escalation.gpu, escalation.stage))
             clock.advance(interval)
     finally:
         sampler.stop()
-    return fired
+    return fired, tracks
 
 
 def main() -> int:
@@ -150,6 +170,22 @@ def main() -> int:
             print(
                 f"  {name:<28} interval {interval:>4.0f}s over 6 h: {len(fired)} escalation(s)  "
                 f"{'PASS' if ok else 'MISS'}"
+            )
+
+    print("Signal: 100 % utilisation, tiny kernels on GPU 0 (window 300 s, interval 10 s, 15 min)")
+    scenario = load_scenario(SCENARIOS / SIGNAL_SCENARIO)
+    for signal in GUARD_SIGNALS:
+        fired, tracks = run(scenario, replace(config(300.0, 10.0), signal=signal), 10.0, 0.0, 900.0)
+        for track in tracks:
+            gpu = scenario.gpus[track.index]
+            notified = [t for t, g, stage in fired if g == track.index and stage == "notify"]
+            expected = SIGNAL_EXPECTED[signal][track.index]
+            ok = track.state.value == expected
+            results.append(ok)
+            shown = f"notified at {notified[0]:.0f} s" if notified else "no notification"
+            print(
+                f"  signal {signal:<11} gpu {track.index} {gpu.model:<22} gpm {'yes' if gpu.gpm else 'no ':<3}  "
+                f"{track.state.value:<9} ({shown}; expected {expected})  {'PASS' if ok else 'MISS'}"
             )
 
     print(f"{sum(results)}/{len(results)} PASS in {time.monotonic() - started:.1f} s (fake clock)")

@@ -89,4 +89,3 @@ def test_monitoring_host_is_admitted_by_its_cluster_address_too(tmp_path):
     # Prometheus on the head scrapes workers' 10.20.0.x addresses, so its packets come from 10.20.0.10.
     table = render(tmp_path)
     assert {"10.20.0.10/32", "192.0.2.10/32"} <= elements(table, "monitoring_ipv4")
-

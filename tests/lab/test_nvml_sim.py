@@ -112,3 +112,49 @@ def test_workers_read_simulated_gpus_through_nvml_and_prometheus_has_them() -> N
         assert found == sorted(gpus), f"{node.name}: Prometheus has {found}, the scenario {gpus}"
         assert {r["metric"]["driver_version"] for r in info} == {driver}
     print(f"checked {len(simulated)} worker(s) in {time.monotonic() - started:.1f} s")
+
+
+def gpm_uuids(text: str) -> set[str]:
+    """UUIDs of the GPUs that answer GPM in the node's compiled scenario (`gpm 1` in their block)."""
+    found, uuid = set(), ""
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "uuid":
+            uuid = value
+        elif key == "gpm" and value == "1":
+            found.add(uuid)
+    return found
+
+
+def test_gpm_from_the_simulator_reaches_prometheus_only_for_gpm_gpus() -> None:
+    """The lab scenarios' Hopper GPUs report GPM through NVML: SM and tensor activity for those, nothing (and
+    no GPM read errors) for the others."""
+    lab = the_lab()
+    simulated = [
+        node for node in lab.nodes[1:] if labtool.ssh(lab, node, f"sudo test -f {CONFIG}", check=False).returncode == 0
+    ]
+    assert simulated, f"no worker of the {LAB_NAME} lab has {CONFIG}: set nvml_sim_enabled on its workers"
+    for node in simulated:
+        text = ssh(lab, node, f"sudo cat {CONFIG}")
+        expected = gpm_uuids(text)
+        assert expected, f"{node.name}: the lab scenario has no GPU with GPM"
+        assert len(expected) < len(compiled_gpus(text)[1]), f"{node.name}: every GPU has GPM; nothing to compare"
+
+        def query(promql: str) -> list[dict]:
+            return json.loads(
+                ssh(lab, lab.nodes[0], "python3 -c " + shlex.quote(PROMETHEUS_QUERY) + " " + shlex.quote(promql))
+            )
+
+        deadline = time.monotonic() + 60
+        while True:
+            series = {
+                name: query(f'rayrack_gpu_{name}_ratio{{node="{node.name}"}}')
+                for name in ("sm_active", "tensor_active")
+            }
+            if all({r["metric"]["uuid"] for r in s} == expected for s in series.values()):
+                break
+            assert time.monotonic() < deadline, f"{node.name}: GPM series {series}, GPM GPUs {expected}"
+            time.sleep(5)
+        for rows in series.values():
+            assert all(0.0 <= float(r["value"][1]) <= 1.0 for r in rows), rows
+        assert query(f'rayrack_gpu_field_errors_total{{node="{node.name}",field="gpm"}}') == []

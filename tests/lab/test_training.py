@@ -149,10 +149,11 @@ def result(logs: str) -> dict:
 
 
 def accelerator_type() -> str:
-    """Ray's name for the lab's simulated GPUs (NVIDIA L4), as jobs write it."""
-    from ray.util.accelerators import NVIDIA_L4
+    """Ray's name for the lab workers' simulated GPUs, as jobs write it. Ray names a node's accelerator type
+    after its GPU 0: the H100 PCIe of lab-2gpu (and the H100s of demo-8gpu)."""
+    from ray.util.accelerators import NVIDIA_H100
 
-    return NVIDIA_L4
+    return NVIDIA_H100
 
 
 def probe_dir(tmp_path: Path, name: str, script: str) -> Path:
@@ -292,4 +293,3 @@ def test_the_package_directory_is_roots_alone():
                                      f"sudo -u ray touch {SHARED}/packages/planted.whl; echo rc=$?", check=False)
         owner_mode, rc = out.stdout.split("\n")[0], out.stdout.strip().splitlines()[-1]
         assert owner_mode == "root 755" and rc != "rc=0", (node.name, out.stdout, out.stderr)
-

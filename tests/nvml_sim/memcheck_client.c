@@ -30,6 +30,20 @@ typedef struct {
     int type, ret;
     unsigned long long value;
 } field_t;
+typedef struct {
+    unsigned int version, supported;
+} gpm_support_t;
+typedef struct {
+    unsigned int id;
+    int ret;
+    double value;
+    const char *short_name, *long_name, *unit;
+} gpm_metric_t;
+typedef struct {
+    unsigned int version, count;
+    void *sample1, *sample2;
+    gpm_metric_t metrics[477];
+} gpm_get_t;
 
 int nvmlInitWithFlags(unsigned int);
 int nvmlShutdown(void);
@@ -63,6 +77,43 @@ int nvmlDeviceGetTotalEnergyConsumption(nvml_device, unsigned long long *);
 int nvmlDeviceGetRemappedRows(nvml_device, unsigned int *, unsigned int *, unsigned int *, unsigned int *);
 int nvmlDeviceGetCurrPcieLinkWidth(nvml_device, unsigned int *);
 int nvmlDeviceGetGpuFabricInfoV(nvml_device, void *);
+int nvmlGpmQueryDeviceSupport(nvml_device, gpm_support_t *);
+int nvmlGpmSampleAlloc(void **);
+int nvmlGpmSampleFree(void *);
+int nvmlGpmSampleGet(nvml_device, void *);
+int nvmlGpmMetricsGet(gpm_get_t *);
+
+/* Two GPM samples and the metrics between them; on a GPU without GPM the sample calls fail. */
+static int gpm_round_trip(nvml_device dev)
+{
+    static const unsigned int ids[] = {1, 2, 3, 5, 10, 20, 21, 60, 61, 4};
+    int failures = 0;
+    gpm_support_t support = {.version = 1};
+    failures += nvmlGpmQueryDeviceSupport(dev, &support) != 0;
+    void *first = NULL, *second = NULL;
+    failures += nvmlGpmSampleAlloc(&first) != 0 || nvmlGpmSampleAlloc(&second) != 0;
+    int got = nvmlGpmSampleGet(dev, first) == 0 && nvmlGpmSampleGet(dev, second) == 0;
+    failures += support.supported ? !got : got;
+    static gpm_get_t request;
+    memset(&request, 0, sizeof(request));
+    request.version = 1;
+    request.count = sizeof(ids) / sizeof(ids[0]);
+    request.sample1 = first;
+    request.sample2 = second;
+    for (unsigned int k = 0; k < request.count; k++)
+        request.metrics[k].id = ids[k];
+    if (support.supported && nvmlGpmMetricsGet(&request) == 0) {
+        for (unsigned int k = 0; k < request.count; k++)
+            if (request.metrics[k].ret == 0)
+                failures += strlen(request.metrics[k].short_name) == 0;
+        failures += request.metrics[request.count - 1].ret != 3; /* integer util: not modelled */
+    }
+    request.version = 2;
+    failures += nvmlGpmMetricsGet(&request) != 25; /* ARGUMENT_VERSION_MISMATCH */
+    failures += nvmlGpmSampleFree(first) != 0;
+    failures += nvmlGpmSampleFree(second) != 0;
+    return failures;
+}
 
 static int round_trip(void)
 {
@@ -120,6 +171,7 @@ static int round_trip(void)
         nvmlDeviceGetFieldValues(dev, 3, more);
         nvmlDeviceGetGpuFabricInfoV(dev, fabric);
         failures += nvmlDeviceRegisterEvents(dev, 8, events) != 0;
+        failures += gpm_round_trip(dev);
     }
     event_t event;
     while (nvmlEventSetWait_v2(events, &event, 0) == 0) {

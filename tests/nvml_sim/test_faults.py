@@ -20,6 +20,7 @@ from ray_agent.gpu.base import DEVICE_CALL, FIELD_NAMES, NVML_ERROR_NAMES, GpuEr
 from ray_agent.gpu.fake import FakeBackend, parse_scenario, processes_assigned
 
 A100 = {"model": "NVIDIA A100-SXM4-80GB", "memory_total": "80GiB"}
+H100 = {"model": "NVIDIA H100 80GB HBM3", "memory_total": "80GiB", "gpm": True}  # GPM is read only where it is
 
 
 def test_every_error_code_raises_the_matching_pynvml_exception(nvml_sim_library: Path, tmp_path: Path) -> None:
@@ -58,7 +59,7 @@ def test_every_error_code_raises_the_matching_pynvml_exception(nvml_sim_library:
 # `any` fault: read by the agent's NVML backend through the library, and by the fake backend.
 KINDS = (DEVICE_CALL, *FIELD_NAMES)
 WINDOWED = {
-    "gpus": [{**A100, "faults": [{"call": kind, "error": "NO_DATA"}]} for kind in KINDS]
+    "gpus": [{**(H100 if kind == "gpm" else A100), "faults": [{"call": kind, "error": "NO_DATA"}]} for kind in KINDS]
     + [
         {
             **A100,

@@ -58,6 +58,7 @@ EXACT = (
     "ecc",
     "xid_errors_total",
     "last_xid",
+    "gpm",  # None on a first read (tests/nvml_sim/test_gpm.py reads twice)
     "memory_reserved_bytes",
     "remapped_rows",
     "retired_pages_pending",

@@ -28,6 +28,8 @@ text (model names, user names, the driver version) only in the last position of 
     clock_event_reasons 4          # NVML's bitmask
     pcie_link 4 8 4 16 4           # generation width max_generation max_width gpu_max_generation
     fabric 3 0                     # state (1 not started, 2 in progress, 3 completed), status (NVML code)
+    gpm 1                           # answers GPM (then the GPM traces below are the scenario's)
+    trace sm_active 1 1 0.6 0.6     # one per GPM trace (graphics_active, sm_active, ...), 0 without GPM
     model NVIDIA L4
     fault -1 any 15 300 330 600     # gpu(-1: all) call error(-1: hang) from until(-1) every(-1)
 
@@ -46,6 +48,7 @@ from pathlib import Path
 from ray_agent.gpu.base import NVML_ERROR_CODES
 from ray_agent.gpu.fake import (
     BUILTIN_PREFIX,
+    GPM_TRACE_KEYS,
     FakeGpu,
     Health,
     Scenario,
@@ -133,7 +136,17 @@ def _gpu(scenario: Scenario, index: int, gpu: FakeGpu) -> list[str]:
         lines.append(f"gpu_delay {_number(gpu.delay)}")
     lines.extend(_health(gpu.health))
     lines.extend(_topology(gpu.topology, _nvlink_supported(scenario, index)))
+    lines.extend(_gpm(gpu))
     lines.append(f"model {gpu.model}")
+    return lines
+
+
+def _gpm(gpu: FakeGpu) -> list[str]:
+    """The GPM switch and traces; a GPU without GPM gets zero traces (the library wants every trace)."""
+    lines = [f"gpm {int(gpu.gpm is not None)}"]
+    for name in GPM_TRACE_KEYS:
+        trace = Trace.constant(0.0) if gpu.gpm is None else getattr(gpu.gpm, name)
+        lines.append(_trace(name, trace))
     return lines
 
 

@@ -35,6 +35,7 @@ enum {
     NVML_ERROR_INSUFFICIENT_SIZE = 7,
     NVML_ERROR_DRIVER_NOT_LOADED = 9,
     NVML_ERROR_TIMEOUT = 10,
+    NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25,
     NVML_ERROR_UNKNOWN = 999,
 };
 
@@ -85,6 +86,7 @@ enum call {
     CALL_PCIE,
     CALL_NVLINK,
     CALL_PROCESSES,
+    CALL_GPM,
     /* health fields */
     CALL_FAN_SPEED,
     CALL_MEMORY_TEMPERATURE,
@@ -101,7 +103,7 @@ enum call {
 };
 static const char *const CALL_NAMES[CALL_COUNT] = {
     "init", "shutdown", "device", "memory", "utilization", "power", "temperature", "sm_clock",
-    "memory_clock", "ecc", "xid", "pcie", "nvlink", "processes",
+    "memory_clock", "ecc", "xid", "pcie", "nvlink", "processes", "gpm",
     /* health fields */
     "fan_speed", "memory_temperature", "energy", "pcie_replay", "encoder_utilization", "decoder_utilization",
     "memory_reserved", "remapped_rows", "retired_pages", "clock_events",
@@ -150,6 +152,11 @@ enum trace_id {
     T_PCIE_RX,
     T_NVLINK_TX,
     T_NVLINK_RX,
+    T_GRAPHICS_ACTIVE,
+    T_SM_ACTIVE,
+    T_SM_OCCUPANCY,
+    T_TENSOR_ACTIVE,
+    T_DRAM_ACTIVE,
     /* health fields */
     T_FAN_SPEED,
     T_MEMORY_TEMPERATURE,
@@ -161,7 +168,9 @@ enum trace_id {
 };
 static const char *const TRACE_NAMES[T_COUNT] = {
     "utilization", "memory_utilization", "power_watts", "temperature_celsius", "sm_clock_mhz",
-    "memory_clock_mhz", "pcie_tx", "pcie_rx", "nvlink_tx", "nvlink_rx",
+    "memory_clock_mhz", "pcie_tx", "pcie_rx", "nvlink_tx", "nvlink_rx", "graphics_active", "sm_active",
+    "sm_occupancy", "tensor_active", "dram_active",
+    /* health fields */
     "fan_speed", "memory_temperature_celsius", "pcie_replay_errors_per_second", "encoder_utilization",
     "decoder_utilization", "memory_used",
 };
@@ -181,6 +190,7 @@ struct gpu {
     unsigned long long process_memory;
     double delay; /* < 0: the scenario's */
     unsigned int nvlink_links;
+    int gpm; /* answers the GPM calls (Hopper and later) */
     /* health fields */
     unsigned long long memory_reserved;
     unsigned int remapped[4]; /* correctable, uncorrectable, pending, failed */
@@ -590,6 +600,8 @@ static struct scenario *load_scenario(const char *path, nvmlReturn_t *error)
                 g->nvlink_down[link] = 1;
             else
                 g->nvlink_speed[link] = (unsigned int)speed;
+        } else if (strcmp(key, "gpm") == 0) {
+            g->gpm = next_int(&r) != 0;
         } else if (strcmp(key, "memory_reserved") == 0) {
             g->memory_reserved = (unsigned long long)next_int(&r);
         } else if (strcmp(key, "remapped_rows") == 0) {
@@ -1766,6 +1778,143 @@ API nvmlReturn_t nvmlDeviceGetMemoryAffinity(void *device, unsigned int size, un
         return NVML_ERROR_INVALID_ARGUMENT;
     memset(set, 0, size * sizeof(unsigned long));
     set[0] = 1;
+    return NVML_SUCCESS;
+}
+
+/* --- GPM (GPU Performance Monitoring, Hopper and later) ------------------------------------------- */
+
+/* nvml.h's struct versions and array bound (the layout nvidia-ml-py 12.x and 13.x pass). */
+#define GPM_SUPPORT_VERSION 1
+#define GPM_METRICS_GET_VERSION 1
+#define GPM_METRIC_MAX 477
+#define GPM_SAMPLE_MAGIC 0x47504d53u
+#define MIB 1048576.0
+
+/* The metrics modelled: NVML's id, the trace, NVML's unit per the trace's (percent of a ratio, MiB/s of
+ * bytes/s). Each is the mean of its trace between the two samples, as fake.Trace.mean. */
+static const struct gpm_metric {
+    unsigned int id;
+    int trace;
+    double scale;
+    const char *short_name, *long_name, *unit;
+} GPM_METRICS[] = {
+    {1, T_GRAPHICS_ACTIVE, 100.0, "gr_util", "graphics utilization", "%"},
+    {2, T_SM_ACTIVE, 100.0, "sm_util", "SM utilization", "%"},
+    {3, T_SM_OCCUPANCY, 100.0, "sm_occupancy", "SM occupancy", "%"},
+    {5, T_TENSOR_ACTIVE, 100.0, "any_tensor_util", "any tensor utilization", "%"},
+    {10, T_DRAM_ACTIVE, 100.0, "dram_bw_util", "DRAM bandwidth utilization", "%"},
+    {20, T_PCIE_TX, 1.0 / MIB, "pcie_tx", "PCIe TX", "MiB/s"},
+    {21, T_PCIE_RX, 1.0 / MIB, "pcie_rx", "PCIe RX", "MiB/s"},
+    {60, T_NVLINK_RX, 1.0 / MIB, "nvlink_rx", "NVLink RX", "MiB/s"},
+    {61, T_NVLINK_TX, 1.0 / MIB, "nvlink_tx", "NVLink TX", "MiB/s"},
+};
+#define GPM_METRIC_COUNT (sizeof(GPM_METRICS) / sizeof(GPM_METRICS[0]))
+
+/* An nvmlGpmSample_t: which GPU, when, and each modelled metric's trace integral up to then. */
+struct gpm_sample {
+    unsigned int magic;
+    const struct gpu *gpu; /* NULL until filled by nvmlGpmSampleGet */
+    double at;
+    double integral[GPM_METRIC_COUNT];
+};
+
+typedef struct {
+    unsigned int version, isSupportedDevice;
+} nvmlGpmSupport_t;
+
+typedef struct {
+    unsigned int metricId;
+    nvmlReturn_t nvmlReturn;
+    double value;
+    struct {
+        const char *shortName, *longName, *unit;
+    } metricInfo;
+} nvmlGpmMetric_t;
+
+typedef struct {
+    unsigned int version, numMetrics;
+    struct gpm_sample *sample1, *sample2;
+    nvmlGpmMetric_t metrics[GPM_METRIC_MAX];
+} nvmlGpmMetricsGet_t;
+
+/* Not subject to `gpm` faults: those fail the sample reads of a GPU that has GPM, as in the fake. */
+API nvmlReturn_t nvmlGpmQueryDeviceSupport(void *device, nvmlGpmSupport_t *support)
+{
+    struct scenario *s = active(NULL);
+    if (!s)
+        return NVML_ERROR_UNINITIALIZED;
+    const struct gpu *g = gpu_of(s, device);
+    if (!g || !support)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (support->version != GPM_SUPPORT_VERSION)
+        return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    support->isSupportedDevice = (unsigned int)g->gpm;
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlGpmSampleAlloc(struct gpm_sample **sample)
+{
+    if (!sample)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *sample = calloc(1, sizeof(**sample));
+    if (!*sample)
+        return NVML_ERROR_UNKNOWN;
+    (*sample)->magic = GPM_SAMPLE_MAGIC;
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlGpmSampleFree(struct gpm_sample *sample)
+{
+    if (!sample || sample->magic != GPM_SAMPLE_MAGIC)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    sample->magic = 0;
+    free(sample);
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlGpmSampleGet(void *device, struct gpm_sample *sample)
+{
+    DEVICE_CALL(CALL_GPM, device, g);
+    if (!sample || sample->magic != GPM_SAMPLE_MAGIC)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (!g->gpm)
+        return NVML_ERROR_NOT_SUPPORTED;
+    double t = scenario_time(s);
+    sample->gpu = g;
+    sample->at = t;
+    for (size_t i = 0; i < GPM_METRIC_COUNT; i++)
+        sample->integral[i] = trace_integral(&g->traces[GPM_METRICS[i].trace], t);
+    return NVML_SUCCESS;
+}
+
+API nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *request)
+{
+    if (!active(NULL))
+        return NVML_ERROR_UNINITIALIZED;
+    if (!request)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (request->version != GPM_METRICS_GET_VERSION)
+        return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    const struct gpm_sample *a = request->sample1, *b = request->sample2;
+    if (request->numMetrics > GPM_METRIC_MAX || !a || !b || a->magic != GPM_SAMPLE_MAGIC ||
+        b->magic != GPM_SAMPLE_MAGIC || !a->gpu || a->gpu != b->gpu || !(b->at > a->at))
+        return NVML_ERROR_INVALID_ARGUMENT;
+    for (unsigned int i = 0; i < request->numMetrics; i++) {
+        nvmlGpmMetric_t *m = &request->metrics[i];
+        m->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+        m->value = 0;
+        m->metricInfo.shortName = m->metricInfo.longName = m->metricInfo.unit = NULL;
+        for (size_t k = 0; k < GPM_METRIC_COUNT; k++) {
+            const struct gpm_metric *known = &GPM_METRICS[k];
+            if (known->id != m->metricId)
+                continue;
+            m->value = (b->integral[k] - a->integral[k]) / (b->at - a->at) * known->scale;
+            m->metricInfo.shortName = known->short_name;
+            m->metricInfo.longName = known->long_name;
+            m->metricInfo.unit = known->unit;
+            m->nvmlReturn = NVML_SUCCESS;
+        }
+    }
     return NVML_SUCCESS;
 }
 
