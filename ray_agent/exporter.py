@@ -199,28 +199,32 @@ _DCGM_GAUGES: tuple[tuple[str, str, Callable[[GpuSample], float | None]], ...] =
     ),
 )
 
+def _ecc_count(attribute: str) -> Callable[[GpuSample], float | None]:
+    return lambda s: getattr(s.ecc, attribute) if s.ecc is not None else None
+
+
 # dcgm-exporter types these as counters without a _total suffix, which the Prometheus text format cannot
 # express; untyped keeps the exact names (rate() works on them all the same).
-_DCGM_ECC: tuple[tuple[str, str, str], ...] = (
+_DCGM_ECC: tuple[tuple[str, str, Callable[[GpuSample], float | None]], ...] = (
     (
         "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
         "Total number of single-bit volatile ECC errors.",
-        "corrected_volatile",
+        _ecc_count("corrected_volatile"),
     ),
     (
         "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
         "Total number of double-bit volatile ECC errors.",
-        "uncorrected_volatile",
+        _ecc_count("uncorrected_volatile"),
     ),
     (
         "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL",
         "Total number of single-bit persistent ECC errors.",
-        "corrected_aggregate",
+        _ecc_count("corrected_aggregate"),
     ),
     (
         "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL",
         "Total number of double-bit persistent ECC errors.",
-        "uncorrected_aggregate",
+        _ecc_count("uncorrected_aggregate"),
     ),
 )
 
@@ -656,28 +660,15 @@ class SnapshotCollector(Collector):
         def labels(status: GpuStatus, sample: GpuSample) -> list[str]:
             return self._dcgm_labels(status, sample, snapshot)
 
-        for field, documentation, value_of in _DCGM_GAUGES:
-            family = GaugeMetricFamily(field, documentation, labels=DCGM_LABELS)
-            for status, sample in readable:
-                value = value_of(sample)
-                if value is not None:
-                    family.add_metric(labels(status, sample), value)
-            yield family
-        for field, documentation, attribute in _DCGM_ECC:
-            family = UnknownMetricFamily(field, documentation, labels=DCGM_LABELS)
-            for status, sample in readable:
-                count = getattr(sample.ecc, attribute) if sample.ecc is not None else None
-                if count is not None:
-                    family.add_metric(labels(status, sample), count)
-            yield family
-        for field, documentation, value_of in _DCGM_HEALTH_COUNTERS:
-            family = UnknownMetricFamily(field, documentation, labels=DCGM_LABELS)
-            for status, sample in readable:
-                value = value_of(sample)
-                if value is not None:
-                    family.add_metric(labels(status, sample), value)
-            yield family
-
+        untyped = _DCGM_ECC + _DCGM_HEALTH_COUNTERS
+        for kind, fields in ((GaugeMetricFamily, _DCGM_GAUGES), (UnknownMetricFamily, untyped)):
+            for field, documentation, value_of in fields:
+                family = kind(field, documentation, labels=DCGM_LABELS)
+                for status, sample in readable:
+                    value = value_of(sample)
+                    if value is not None:
+                        family.add_metric(labels(status, sample), value)
+                yield family
 
 class GuardCollector(Collector):
     """The idle guard's families, from its latest GuardSnapshot. Registered only when the guard is enabled."""
