@@ -417,6 +417,8 @@ class _Nvml:
             self.lib = ctypes.CDLL(library)
         except OSError as exc:
             raise NvmlUnavailable(f"does not load: {exc}") from None
+        if not hasattr(self.lib, "nvmlErrorString"):
+            raise NvmlUnavailable(f"{library} is not NVML: it has no nvmlErrorString")
         self.lib.nvmlErrorString.restype = ctypes.c_char_p
         self.errors: list[str] = []
         code = self.ask("nvmlInit_v2")
@@ -593,6 +595,8 @@ def observe_nvml(library: str = NVML_LIBRARY, timeout: float = 120) -> tuple[lis
             result["read"] = rows, nvlink, nvml.errors
         except NvmlUnavailable as exc:
             result["unavailable"] = str(exc)
+        except Exception as exc:  # a library that misbehaves: nvidia-smi is asked instead
+            result["unavailable"] = f"reading NVML failed: {type(exc).__name__}: {exc}"
         finally:
             nvml.shutdown()
 

@@ -146,6 +146,17 @@ def test_without_nvml_nvidia_smi_gives_everything(tmp_path):
     assert "Driver Not Loaded" in live(tmp_path, None, nvidia_smi=str(script))[1]["observed"]["unread"]["NVML"]
 
 
+def test_a_library_that_is_not_nvml_is_not_used(tmp_path):
+    source = tmp_path / "other.c"
+    source.write_text("int something(void) { return 0; }\n")
+    other = tmp_path / "libother.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(other), str(source)], check=True)
+    with pytest.raises(gpu_check.NvmlUnavailable, match=r"libother\.so is not NVML: it has no nvmlErrorString"):
+        gpu_check.observe_nvml(str(other))
+    with pytest.raises(gpu_check.NvmlUnavailable, match=r"does not load: .*nope\.so"):
+        gpu_check.observe_nvml(str(tmp_path / "nope.so"))
+
+
 def test_nvml_off_reads_nvidia_smi_only(tmp_path):
     query = "index, name\n0, NVIDIA L40S\n"
     script = fake_nvidia_smi(tmp_path, {"nvidia-smi-query-gpu.csv": query})
