@@ -75,13 +75,18 @@ def compiled_gpus(text: str) -> tuple[str, list[tuple[str, str]]]:
     return driver, list(zip(uuids, models, strict=True))
 
 
-def test_workers_read_simulated_gpus_through_nvml_and_prometheus_has_them() -> None:
-    lab = the_lab()
-    started = time.monotonic()
+def simulated_workers(lab: labtool.Lab) -> list[labtool.Node]:
     simulated = [
         node for node in lab.nodes[1:] if labtool.ssh(lab, node, f"sudo test -f {CONFIG}", check=False).returncode == 0
     ]
     assert simulated, f"no worker of the {LAB_NAME} lab has {CONFIG}: set nvml_sim_enabled on its workers"
+    return simulated
+
+
+def test_workers_read_simulated_gpus_through_nvml_and_prometheus_has_them() -> None:
+    lab = the_lab()
+    started = time.monotonic()
+    simulated = simulated_workers(lab)
     for node in simulated:
         driver, gpus = compiled_gpus(ssh(lab, node, f"sudo cat {CONFIG}"))
         assert gpus, f"{node.name}: {CONFIG} names no GPUs"
@@ -165,7 +170,10 @@ def test_gpu_validate_reads_nvml_on_a_worker_and_names_each_fault(tmp_path: Path
     from gpu_faults import FAULTS, faulty
 
     lab = the_lab()
-    worker = lab.nodes[1]
+    worker = simulated_workers(lab)[0]
+    # What this checks: the module on NVML alone, as on a node whose nvidia-smi cannot read the GPUs.
+    assert labtool.ssh(lab, worker, "command -v nvidia-smi", check=False).returncode != 0, \
+        f"{worker.name} has an nvidia-smi: this test expects a lab worker without one"
     before = ssh(lab, worker, f"sudo stat -c %Y:%s {CONFIG} && sudo sha256sum {CONFIG}")
     _, gpus = compiled_gpus(ssh(lab, worker, f"sudo cat {CONFIG}"))
     faults = list(FAULTS)
