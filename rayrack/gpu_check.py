@@ -22,9 +22,10 @@ The observation every source feeds and every check reads (a plain dict, JSON-ser
 
 On a node (`observe`) NVML comes first: where libnvidia-ml.so.1 loads and nvmlInit_v2 succeeds, `observe_nvml`
 reads the GPUs' fields and NVLink through ctypes into the same model ("nvlink" then also holds each link's
-"version" and "remote" PCI bus id), and only the topology matrix and CPU/NUMA affinity come from `nvidia-smi
-topo -m`. A call NVML answers NOT_SUPPORTED (or does not offer) leaves its fact out; any other NVML error is
-an "input" error finding naming the call and the GPU. Without NVML the nvidia-smi commands give everything.
+"version" and "remote" PCI bus id, and as "unmeasured" the active links whose speed NVML does not give), and
+only the topology matrix and CPU/NUMA affinity come from `nvidia-smi topo -m`. A call NVML answers
+NOT_SUPPORTED (or does not offer) leaves its fact out; any other NVML error is an "input" error finding naming
+the call and the GPU. Without NVML the nvidia-smi commands give everything.
 
 A finding: {"severity": "error" | "note", "check", "gpu", "expected", "observed"}. Errors fail the node;
 notes are reported and do not.
