@@ -14,7 +14,18 @@ The observation every source feeds and every check reads (a plain dict, JSON-ser
                    "cpu": {"GPU0": "0-47,96-143" or None}, "numa": {"GPU0": "0" or None}} or None
       "nvlink":   {index: {"name", "uuid", "links": {link: GB/s, or None when inactive}}}
       "dcgm":     {test name: result}
+      "read":     [source, ...]                     what was read: a capture file, a command, or "NVML"
+      "sources":  {fact: [source, ...]}             where each fact came from: a --query-gpu field name,
+                  "topology", "nvlink" or "dcgm" -> the sources that gave it
+      "unread":   {fact: why}                       what a live run could not read (each is a note)
     }
+
+On a node (`observe`) NVML comes first: where libnvidia-ml.so.1 loads and nvmlInit_v2 succeeds, `observe_nvml`
+reads the GPUs' fields and NVLink through ctypes into the same model ("nvlink" then also holds each link's
+"version" and "remote" PCI bus id, and as "unmeasured" the active links whose speed NVML does not give), and
+only the topology matrix and CPU/NUMA affinity come from `nvidia-smi topo -m`. A call NVML answers
+NOT_SUPPORTED (or does not offer) leaves its fact out; any other NVML error is an "input" error finding naming
+the call and the GPU. Without NVML the nvidia-smi commands give everything.
 
 A finding: {"severity": "error" | "note", "check", "gpu", "expected", "observed"}. Errors fail the node;
 notes are reported and do not.
@@ -24,12 +35,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import io
 import json
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -341,6 +354,264 @@ def parse_query_xml(text: str, source: str = "-q -x") -> list[dict[str, str | No
 
 
 # --------------------------------------------------------------------------------------------------------
+# NVML (the driver's libnvidia-ml.so.1) through ctypes
+# --------------------------------------------------------------------------------------------------------
+NVML_LIBRARY = "libnvidia-ml.so.1"
+NVML_SOURCE = "NVML"
+# nvmlReturn_t codes this module tells apart; every other one is an error, named by nvmlErrorString.
+NVML_SUCCESS = 0
+NVML_ERROR_INVALID_ARGUMENT = 2  # also what a link number past the GPU's last link gets
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_FUNCTION_NOT_FOUND = 13  # also returned here for a function the library does not export
+NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
+NOT_OFFERED = (NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND)
+NVML_NVLINK_MAX_LINKS = 36  # nvml.h (pynvml): link numbers tried per GPU, up to the first that does not exist
+# NVML_FI_DEV_NVLINK_SPEED_MBPS_L0..L11 (nvml.h); a link past L11 is asked NVML_FI_DEV_NVLINK_GET_SPEED with
+# the link as scopeId (newer drivers).
+NVLINK_SPEED_FIELDS = (84, 85, 86, 87, 88, 89, 132, 133, 134, 135, 136, 137)
+NVLINK_GET_SPEED_FIELD = 164
+FABRIC_STATES = {1: "Not Started", 2: "In Progress", 3: "Completed"}  # nvmlGpuFabricState_t, as nvidia-smi -q
+BUFFER_SIZE = 96  # NVML_DEVICE_NAME_V2_BUFFER_SIZE = NVML_DEVICE_UUID_V2_BUFFER_SIZE; driver version: 80
+
+
+# The structures NVML fills, field for field as nvml.h (and pynvml) lay them out.
+class _PciInfo(ctypes.Structure):  # nvmlPciInfo_t
+    _fields_ = [("busIdLegacy", ctypes.c_char * 16), ("domain", ctypes.c_uint), ("bus", ctypes.c_uint),
+                ("device", ctypes.c_uint), ("pciDeviceId", ctypes.c_uint), ("pciSubSystemId", ctypes.c_uint),
+                ("busId", ctypes.c_char * 32)]
+
+
+class _Utilization(ctypes.Structure):  # nvmlUtilization_t
+    _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
+
+
+class _Value(ctypes.Union):  # nvmlValue_t (its 8-byte members; the others overlay them)
+    _fields_ = [("dVal", ctypes.c_double), ("uiVal", ctypes.c_uint), ("ullVal", ctypes.c_ulonglong)]
+
+
+class _FieldValue(ctypes.Structure):  # nvmlFieldValue_t
+    _fields_ = [("fieldId", ctypes.c_uint32), ("scopeId", ctypes.c_uint32), ("timestamp", ctypes.c_int64),
+                ("latencyUsec", ctypes.c_int64), ("valueType", ctypes.c_uint), ("nvmlReturn", ctypes.c_uint),
+                ("value", _Value)]
+
+
+class _FabricInfo(ctypes.Structure):  # nvmlGpuFabricInfo_t
+    _fields_ = [("clusterUuid", ctypes.c_uint8 * 16), ("status", ctypes.c_uint), ("cliqueId", ctypes.c_uint32),
+                ("state", ctypes.c_uint)]
+
+
+class _FabricInfoV2(ctypes.Structure):  # nvmlGpuFabricInfo_v2_t, asked with version nvmlGpuFabricInfo_v2
+    _fields_ = [("version", ctypes.c_uint), ("clusterUuid", ctypes.c_uint8 * 16), ("status", ctypes.c_uint),
+                ("cliqueId", ctypes.c_uint32), ("state", ctypes.c_uint), ("healthMask", ctypes.c_uint32)]
+    VERSION = 0x02000024  # nvmlGpuFabricInfo_v2: the structure's size (36) | 2 << 24
+
+
+class NvmlUnavailable(Exception):
+    """NVML cannot be used on this node (no library, no driver, no answer): the nvidia-smi commands give all."""
+
+
+class _Nvml:
+    """One nvmlInit_v2 .. nvmlShutdown session; every call's failure other than NOT_SUPPORTED is kept in errors."""
+
+    def __init__(self, library: str):
+        try:
+            self.lib = ctypes.CDLL(library)
+        except OSError as exc:
+            raise NvmlUnavailable(f"does not load: {exc}") from None
+        if not hasattr(self.lib, "nvmlErrorString"):
+            raise NvmlUnavailable(f"{library} is not NVML: it has no nvmlErrorString")
+        self.lib.nvmlErrorString.restype = ctypes.c_char_p
+        self.errors: list[str] = []
+        code = self.ask("nvmlInit_v2")
+        if code != NVML_SUCCESS:
+            raise NvmlUnavailable(f"nvmlInit_v2: {self.error_string(code)}")
+
+    def error_string(self, code: int) -> str:
+        if code == NVML_ERROR_FUNCTION_NOT_FOUND:
+            return "Function Not Found (13)"
+        text = self.lib.nvmlErrorString(code)
+        return f"{text.decode(errors='replace') if text else 'unknown error'} ({code})"
+
+    def ask(self, name: str, *args: Any) -> int:
+        """The call's nvmlReturn_t; FUNCTION_NOT_FOUND when the library does not export it (an older driver)."""
+        function = getattr(self.lib, name, None)
+        return NVML_ERROR_FUNCTION_NOT_FOUND if function is None else int(function(*args))
+
+    def get(self, where: str, name: str, *args: Any) -> bool:
+        """Whether the call answered; an error other than NOT_SUPPORTED/not offered is kept, naming the call."""
+        code = self.ask(name, *args)
+        if code not in (NVML_SUCCESS, *NOT_OFFERED):
+            self.errors.append(f"{NVML_SOURCE} {name} on {where}: {self.error_string(code)}")
+        return code == NVML_SUCCESS
+
+    def text(self, where: str, name: str, *args: Any, size: int = BUFFER_SIZE) -> str | None:
+        buffer = ctypes.create_string_buffer(size)
+        return buffer.value.decode(errors="replace") if self.get(where, name, *args, buffer, size) else None
+
+    def uint(self, where: str, name: str, *args: Any) -> int | None:
+        value = ctypes.c_uint()
+        return value.value if self.get(where, name, *args, ctypes.byref(value)) else None
+
+    def shutdown(self) -> None:
+        self.ask("nvmlShutdown")
+
+
+def _word(value: int | None, yes: str, no: str) -> str | None:
+    return None if value is None else (yes if value else no)
+
+
+def _nvml_gpu(nvml: _Nvml, index: int, handle: ctypes.c_void_p, driver: str | None
+              ) -> tuple[dict[str, str | None], dict[str, Any]]:
+    """One GPU's --query-gpu fields (QUERY_FIELDS, None where NVML does not say) and its "nvlink" entry, in
+    nvidia-smi's words."""
+    gid = f"GPU{index}"
+    gpu = _nvml_row(index, driver)
+    gpu["name"] = nvml.text(gid, "nvmlDeviceGetName", handle)
+    gpu["uuid"] = nvml.text(gid, "nvmlDeviceGetUUID", handle)
+    pci = _PciInfo()
+    if nvml.get(gid, "nvmlDeviceGetPciInfo_v3", handle, ctypes.byref(pci)):
+        gpu["pci.bus_id"] = pci.busId.decode(errors="replace")
+    gpu["persistence_mode"] = _word(nvml.uint(gid, "nvmlDeviceGetPersistenceMode", handle), "Enabled", "Disabled")
+    current, pending = ctypes.c_uint(), ctypes.c_uint()
+    if nvml.get(gid, "nvmlDeviceGetEccMode", handle, ctypes.byref(current), ctypes.byref(pending)):
+        gpu["ecc.mode.current"] = _word(current.value, "Enabled", "Disabled")
+    for field, call in (("pcie.link.gen.current", "nvmlDeviceGetCurrPcieLinkGeneration"),
+                        ("pcie.link.gen.max", "nvmlDeviceGetMaxPcieLinkGeneration"),
+                        ("pcie.link.width.current", "nvmlDeviceGetCurrPcieLinkWidth"),
+                        ("pcie.link.width.max", "nvmlDeviceGetMaxPcieLinkWidth")):
+        value = nvml.uint(gid, call, handle)
+        gpu[field] = None if value is None else str(value)
+    utilization = _Utilization()
+    if nvml.get(gid, "nvmlDeviceGetUtilizationRates", handle, ctypes.byref(utilization)):
+        gpu["utilization.gpu"] = f"{utilization.gpu} %"
+    gpu["retired_pages.pending"] = _word(nvml.uint(gid, "nvmlDeviceGetRetiredPagesPendingStatus", handle),
+                                         "Yes", "No")
+    rows = [ctypes.c_uint() for _ in range(4)]  # correctable, uncorrectable, pending, failure occurred
+    if nvml.get(gid, "nvmlDeviceGetRemappedRows", handle, *map(ctypes.byref, rows)):
+        gpu["remapped_rows.pending"] = _word(rows[2].value, "Yes", "No")
+        gpu["remapped_rows.failure"] = _word(rows[3].value, "Yes", "No")
+    gpu.update(_nvml_fabric(nvml, gid, handle))
+    return gpu, {"name": gpu["name"], "uuid": gpu["uuid"], **_nvml_links(nvml, gid, handle)}
+
+
+def _nvml_row(index: int, driver: str | None) -> dict[str, str | None]:
+    return {**dict.fromkeys(QUERY_FIELDS), "index": str(index), "driver_version": driver}
+
+
+def _nvml_fabric(nvml: _Nvml, gid: str, handle: ctypes.c_void_p) -> dict[str, str | None]:
+    """fabric.state and, once Completed, fabric.status; nothing on a GPU without an NVSwitch fabric."""
+    info: _FabricInfo | _FabricInfoV2 = _FabricInfoV2(version=_FabricInfoV2.VERSION)
+    code = nvml.ask("nvmlDeviceGetGpuFabricInfoV", handle, ctypes.byref(info))
+    if code in (NVML_ERROR_FUNCTION_NOT_FOUND, NVML_ERROR_ARGUMENT_VERSION_MISMATCH):
+        info = _FabricInfo()  # a driver before the versioned call
+        if not nvml.get(gid, "nvmlDeviceGetGpuFabricInfo", handle, ctypes.byref(info)):
+            return {}
+    elif code != NVML_SUCCESS:
+        if code not in NOT_OFFERED:
+            nvml.errors.append(f"{NVML_SOURCE} nvmlDeviceGetGpuFabricInfoV on {gid}: {nvml.error_string(code)}")
+        return {}
+    state = FABRIC_STATES.get(info.state)
+    if state is None:
+        return {}  # NVML_GPU_FABRIC_STATE_NOT_SUPPORTED
+    status = None
+    if state == "Completed":
+        status = "Success" if info.status == NVML_SUCCESS else nvml.error_string(info.status)
+    return {"fabric.state": state, "fabric.status": status}
+
+
+def _nvml_links(nvml: _Nvml, gid: str, handle: ctypes.c_void_p) -> dict[str, Any]:
+    """{"links": {link: GB/s, None when inactive}, "version": {link: n}, "remote": {link: PCI bus id},
+    "unmeasured": [active links whose speed NVML does not give]} (counted as active, their speed unchecked)."""
+    state: dict[int, bool] = {}
+    versions: dict[int, int] = {}
+    remote: dict[int, str] = {}
+    for link in range(NVML_NVLINK_MAX_LINKS):
+        active = ctypes.c_uint()
+        code = nvml.ask("nvmlDeviceGetNvLinkState", handle, ctypes.c_uint(link), ctypes.byref(active))
+        if code != NVML_SUCCESS:
+            if code not in (*NOT_OFFERED, NVML_ERROR_INVALID_ARGUMENT):
+                nvml.errors.append(f"{NVML_SOURCE} nvmlDeviceGetNvLinkState on {gid} link {link}: "
+                                   f"{nvml.error_string(code)}")
+            break  # no NVLink (or MIG mode), or past the last link
+        state[link] = bool(active.value)
+        where = f"{gid} link {link}"
+        version = nvml.uint(where, "nvmlDeviceGetNvLinkVersion", handle, ctypes.c_uint(link))
+        if version is not None:
+            versions[link] = version
+        pci = _PciInfo()
+        if active.value and nvml.get(where, "nvmlDeviceGetNvLinkRemotePciInfo_v2", handle, ctypes.c_uint(link),
+                                     ctypes.byref(pci)):
+            remote[link] = pci.busId.decode(errors="replace")
+    up = [n for n, active in state.items() if active]
+    speeds: dict[int, float] = {}
+    if up:
+        values = (_FieldValue * len(up))()
+        for value, link in zip(values, up, strict=True):
+            if link < len(NVLINK_SPEED_FIELDS):
+                value.fieldId = NVLINK_SPEED_FIELDS[link]
+            else:
+                value.fieldId, value.scopeId = NVLINK_GET_SPEED_FIELD, link
+        if nvml.get(gid, "nvmlDeviceGetFieldValues", handle, ctypes.c_int(len(values)), values):
+            for value, link in zip(values, up, strict=True):
+                if value.nvmlReturn == NVML_SUCCESS:
+                    speeds[link] = value.value.uiVal / 1000  # MB/s -> GB/s, as nvidia-smi nvlink --status
+                elif value.nvmlReturn not in NOT_OFFERED:
+                    nvml.errors.append(f"{NVML_SOURCE} NVLink speed field {value.fieldId} on {gid} link {link}: "
+                                       f"{nvml.error_string(value.nvmlReturn)}")
+    links = {n: speeds[n] if active else None for n, active in state.items() if not active or n in speeds}
+    return {"links": links, "version": versions, "remote": remote,
+            "unmeasured": [n for n in up if n not in speeds]}
+
+
+def observe_nvml(library: str = NVML_LIBRARY, timeout: float = 120) -> tuple[list[dict[str, Any]],
+                                                                               dict[int, dict[str, Any]], list[str]]:
+    """This node's GPUs read through NVML: (--query-gpu rows, "nvlink", the errors of single calls).
+
+    NvmlUnavailable when the library does not load, nvmlInit_v2 fails or NVML does not answer within timeout
+    seconds (a hung GPU): the reads run in a thread the caller does not wait for beyond that."""
+    result: dict[str, Any] = {}
+
+    def read() -> None:
+        try:
+            nvml = _Nvml(library)
+        except NvmlUnavailable as exc:
+            result["unavailable"] = str(exc)
+            return
+        try:
+            driver = nvml.text("the system", "nvmlSystemGetDriverVersion", size=80)
+            count = nvml.uint("the system", "nvmlDeviceGetCount_v2")
+            if count is None:
+                raise NvmlUnavailable("nvmlDeviceGetCount_v2: " + (nvml.errors.pop() if nvml.errors else
+                                                                   "not supported"))
+            rows, nvlink = [], {}
+            for index in range(count):
+                handle = ctypes.c_void_p()
+                if not nvml.get(f"GPU{index}", "nvmlDeviceGetHandleByIndex_v2", ctypes.c_uint(index),
+                                ctypes.byref(handle)):
+                    rows.append(_nvml_row(index, driver))
+                    continue
+                row, links = _nvml_gpu(nvml, index, handle, driver)
+                rows.append(row)
+                nvlink[index] = links
+            result["read"] = rows, nvlink, nvml.errors
+        except NvmlUnavailable as exc:
+            result["unavailable"] = str(exc)
+        except Exception as exc:  # a library that misbehaves: nvidia-smi is asked instead
+            result["unavailable"] = f"reading NVML failed: {type(exc).__name__}: {exc}"
+        finally:
+            nvml.shutdown()
+
+    thread = threading.Thread(target=read, name="nvml", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise NvmlUnavailable(f"no answer from NVML within {timeout}s")
+    if "unavailable" in result:
+        raise NvmlUnavailable(result["unavailable"])
+    return result["read"]
+
+
+# --------------------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------------------
 def _enabled(value: str | None) -> bool | None:
@@ -374,11 +645,12 @@ def _nvlink_findings(status: dict[int, dict[str, Any]], out: _Findings, want_lin
         links = status[index]["links"]
         active = {n: s for n, s in links.items() if s is not None}
         inactive = sorted(n for n, s in links.items() if s is None)
+        unmeasured = status[index].get("unmeasured") or []  # active, speed unknown (NVML)
         gid = f"GPU{index}"
         if inactive:
             out.add("NVLink inactive", gid, "all links up", "links " + ", ".join(map(str, inactive)) + " inactive")
-        if want_links and len(active) < want_links:
-            out.add("NVLink active links", gid, want_links, len(active))
+        if want_links and len(active) + len(unmeasured) < want_links:
+            out.add("NVLink active links", gid, want_links, len(active) + len(unmeasured))
         floor = min_speed if min_speed is not None else usual
         slow = sorted(n for n, s in active.items() if floor is not None and s < floor)
         if slow:
@@ -441,7 +713,7 @@ def compare(observed: dict[str, Any], profile: dict[str, Any]) -> list[dict[str,
         status = {i: s for i, s in (observed.get("nvlink") or {}).items()}
         want_links = nvlink.get("links_per_gpu")
         _nvlink_findings(status, diffs, want_links, nvlink.get("min_link_gbps", 0.0))
-        if want_links and gpus and not any(s["links"] for s in status.values()):
+        if want_links and gpus and not any(s["links"] or s.get("unmeasured") for s in status.values()):
             diffs.add("NVLink active links", "-", want_links, "no NVLink reported")
     for test, result in sorted((observed.get("dcgm") or {}).items()):
         if result.lower().startswith(("fail", "error")):
@@ -543,11 +815,15 @@ def check(observed: dict[str, Any], profile_name: str, profiles: dict[str, dict[
           errors: list[str] | None = None) -> dict[str, Any]:
     """The report: self-consistency findings, plus a profile's differences when one is named or matches.
 
-    errors: what stopped a source from being read (a tool that failed); each is an error finding.
+    errors: what stopped a source from being read (a tool that failed, an NVML call that failed); each is an
+    error finding. What a live run could not read ("unread") is a note each.
     """
     findings = _Findings()
     for error in errors or []:
-        findings.add("input", "-", "readable nvidia-smi output", error)
+        findings.add("input", "-", "an answer from NVML" if error.startswith(NVML_SOURCE + " ")
+                     else "readable nvidia-smi output", error)
+    for fact, why in sorted((observed.get("unread") or {}).items()):
+        findings.add(fact, "-", "read", f"not read: {why}", "note")
     gpus = observed.get("gpus") or []
     try:
         name, profile = select_profile(profile_name, profiles, gpus)
@@ -584,24 +860,32 @@ def table(findings: list[dict[str, str]]) -> str:
 # --------------------------------------------------------------------------------------------------------
 # Sources: capture files, or the tools on the node
 # --------------------------------------------------------------------------------------------------------
-def _merge(observed: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def _merge(observed: dict[str, Any], rows: list[dict[str, Any]], source: str) -> None:
     """Add readings: the first reading of a GPU is its view, later sources only fill what it lacks."""
     observed["samples"].extend(rows)
     by_index = {g["index"]: g for g in observed["gpus"]}
     for row in rows:
         gpu = by_index.get(row["index"])
         if gpu is None:
-            by_index[row["index"]] = dict(row)
-            observed["gpus"].append(by_index[row["index"]])
-        else:
-            for key, value in row.items():
-                if gpu.get(key) is None and value is not None:
-                    gpu[key] = value
+            gpu = by_index[row["index"]] = {}
+            observed["gpus"].append(gpu)
+        for key, value in row.items():
+            if key not in gpu or (gpu[key] is None and value is not None):
+                gpu[key] = value
+                if value is not None:
+                    _from(observed, key, source)
     observed["gpus"].sort(key=lambda g: _int(g["index"]) or 0)
 
 
+def _from(observed: dict[str, Any], fact: str, source: str) -> None:
+    sources = observed["sources"].setdefault(fact, [])
+    if source not in sources:
+        sources.append(source)
+
+
 def empty_observation() -> dict[str, Any]:
-    return {"gpus": [], "samples": [], "topology": None, "nvlink": {}, "dcgm": {}, "read": []}
+    return {"gpus": [], "samples": [], "topology": None, "nvlink": {}, "dcgm": {}, "read": [], "sources": {},
+            "unread": {}}
 
 
 PARSERS = {"query": parse_query_gpu, "q": parse_query_text, "xml": parse_query_xml, "topo": parse_topo,
@@ -611,11 +895,13 @@ PARSERS = {"query": parse_query_gpu, "q": parse_query_text, "xml": parse_query_x
 def _add(observed: dict[str, Any], kind: str, text: str, source: str) -> None:
     parsed = PARSERS[kind](text, source)
     if kind in ("query", "q", "xml"):
-        _merge(observed, parsed)
+        _merge(observed, parsed, source)
     elif kind == "topo":
         observed["topology"] = parsed
+        _from(observed, "topology", source)
     else:
         observed[kind] = parsed
+        _from(observed, kind, source)
     observed["read"].append(source)
 
 
@@ -653,14 +939,35 @@ def _run(argv: list[str], timeout: int) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def observe(nvidia_smi: str, dcgmi: str, timeout: int) -> tuple[dict[str, Any], list[str]]:
-    """Run the tools on this node; return the observation and the errors that kept a source out."""
+NVML_MODES = ("auto", "off")
+
+
+def observe(nvidia_smi: str, dcgmi: str, timeout: int, nvml: str = "auto", nvml_library: str = NVML_LIBRARY
+            ) -> tuple[dict[str, Any], list[str]]:
+    """Read this node (NVML first with nvml "auto", see the module docstring; "off": nvidia-smi only); return
+    the observation and the errors that kept a fact out."""
+    if nvml not in NVML_MODES:
+        raise ValueError(f"nvml: {nvml!r} is not allowed; allowed values: {', '.join(NVML_MODES)}")
     errors: list[str] = []
     observed = empty_observation()
-    commands = [("query", "nvidia-smi --query-gpu", [nvidia_smi, "--query-gpu=" + ",".join(QUERY_FIELDS),
-                                                      "--format=csv"]),
-                ("topo", "nvidia-smi topo -m", [nvidia_smi, "topo", "-m"]),
-                ("nvlink", "nvidia-smi nvlink --status", [nvidia_smi, "nvlink", "--status"])]
+    via_nvml = False
+    if nvml == "auto":
+        try:
+            rows, links, nvml_errors = observe_nvml(nvml_library, timeout)
+        except NvmlUnavailable as exc:
+            observed["unread"][NVML_SOURCE] = f"{exc}; nvidia-smi only"
+        else:
+            via_nvml = True
+            _merge(observed, rows, NVML_SOURCE)
+            observed["nvlink"] = links
+            _from(observed, "nvlink", NVML_SOURCE)
+            observed["read"].append(NVML_SOURCE)
+            errors += nvml_errors
+    commands = [("topo", "nvidia-smi topo -m", [nvidia_smi, "topo", "-m"])]
+    if not via_nvml:
+        commands = [("query", "nvidia-smi --query-gpu", [nvidia_smi, "--query-gpu=" + ",".join(QUERY_FIELDS),
+                                                          "--format=csv"]),
+                    *commands, ("nvlink", "nvidia-smi nvlink --status", [nvidia_smi, "nvlink", "--status"])]
     if dcgmi and shutil.which(dcgmi):
         commands.append(("dcgm", "dcgmi diag -r 1", [dcgmi, "diag", "-r", "1"]))
     for kind, command, argv in commands:
@@ -674,6 +981,10 @@ def observe(nvidia_smi: str, dcgmi: str, timeout: int) -> tuple[dict[str, Any], 
             fields.remove(unknown.group(1))
             argv = [nvidia_smi, "--query-gpu=" + ",".join(fields), "--format=csv"]
             rc, out, err = _run(argv, timeout)
+        if via_nvml and kind == "topo" and rc == 127:
+            # NVML gave the rest; GPU pairs and CPU/NUMA affinity stay unchecked, and the report says so.
+            observed["unread"]["topology"] = f"{err}: GPU pairs and CPU/NUMA affinity not checked"
+            continue
         if rc != 0 and not (kind == "dcgm" and out.strip()):
             errors.append(f"{command} failed (rc={rc}): {(err or out).strip()}")
             if kind == "query":
@@ -697,10 +1008,21 @@ def load_profiles() -> dict[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when consistent, 1 when anything (an error finding) was found, 2 when the input is unusable."""
     parser = argparse.ArgumentParser(
-        prog="rayrack gpu-check", description="Check one node's GPUs from saved nvidia-smi outputs.",
+        prog="rayrack gpu-check", description="Check one node's GPUs from saved nvidia-smi outputs, or this "
+        "node's GPUs live (--live: NVML, nvidia-smi topo -m, dcgmi, as the gpu_validate role reads them).",
         epilog="Reads whichever exist in DIR: " + ", ".join(CAPTURE_FILES.values()) +
         ". Exit codes: 0 consistent, 1 something found, 2 unusable input.")
-    parser.add_argument("--captures", type=Path, required=True, metavar="DIR", help="directory of the outputs")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--captures", type=Path, metavar="DIR", help="directory of the outputs")
+    source.add_argument("--live", action="store_true", help="read this node's GPUs (NVML first, then nvidia-smi)")
+    live = parser.add_argument_group("with --live")
+    live.add_argument("--nvml", choices=NVML_MODES, default="auto",
+                      help="auto (default): NVML first, nvidia-smi where it does not load; off: nvidia-smi only")
+    live.add_argument("--nvidia-smi", default="nvidia-smi", metavar="PATH", help="nvidia-smi executable")
+    live.add_argument("--dcgmi", default="dcgmi", metavar="PATH",
+                      help="dcgmi executable, run when found (dcgmi diag -r 1); empty disables it")
+    live.add_argument("--timeout", type=int, default=120, metavar="SECONDS",
+                      help="what each command, and NVML's reads together, may take (default 120)")
     parser.add_argument("--profile", default="auto", metavar="NAME|auto",
                         help="a shipped profile, or auto (default): self-consistency, plus a profile that matches")
     parser.add_argument("--json", action="store_true", help="print the JSON report")
@@ -710,12 +1032,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rayrack gpu-check: --profile {args.profile!r} is not a shipped profile; known: auto, "
               + ", ".join(sorted(profiles)), file=sys.stderr)
         return 2
-    try:
-        observed = observe_captures(args.captures)
-    except CaptureError as exc:
-        print(f"rayrack gpu-check: {exc}", file=sys.stderr)
-        return 2
-    report = check(observed, args.profile, profiles)
+    errors: list[str] = []
+    if args.live:
+        observed, errors = observe(args.nvidia_smi, args.dcgmi, args.timeout, args.nvml)
+    else:
+        try:
+            observed = observe_captures(args.captures)
+        except CaptureError as exc:
+            print(f"rayrack gpu-check: {exc}", file=sys.stderr)
+            return 2
+    report = check(observed, args.profile, profiles, errors)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:

@@ -40,6 +40,7 @@ string such as ``90s``, ``1m30s``, ``250ms``. Sizes are bytes or strings such as
         memory_reserved: 512MiB      # driver-reserved device memory (default 0)
         remapped_rows: {correctable: 0, uncorrectable: 1, pending: true, failed: false}   # missing keys: 0/false
         retired_pages_pending: false # (default false)
+        ecc_enabled: true            # ECC mode, current and pending (default true)
         clock_event_reasons: [sw_power_cap]   # active clocks-event reasons (default none), see below
         pcie_link: {generation: 4, width: 8, max_generation: 4, max_width: 16}   # see "Topology"
         nvlink_links: {count: 12, speed_mbps: 25781, down: [3], speeds: {5: 12890}}
@@ -297,6 +298,7 @@ class Health:
     remapped_rows: RemappedRows
     retired_pages_pending: bool
     clock_event_reasons: int
+    ecc_enabled: bool = True
 
 
 # NVML's nvmlGpuFabricState_t, by the name scenarios use.
@@ -459,6 +461,7 @@ _GPU_KEYS = {
         "memory_reserved",
         "remapped_rows",
         "retired_pages_pending",
+        "ecc_enabled",
         "clock_event_reasons",
         "pcie_link",
         "nvlink_links",
@@ -667,6 +670,7 @@ class _Parser:
                 node.get("retired_pages_pending", False), _join(path, "retired_pages_pending")
             ),
             clock_event_reasons=reasons,
+            ecc_enabled=self.boolean(node.get("ecc_enabled", True), _join(path, "ecc_enabled")),
         )
 
     def topology(self, node: dict, path: str) -> Topology:

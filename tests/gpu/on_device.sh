@@ -13,7 +13,8 @@
 # Steps, in order, each under `timeout`, logged to $OUT/<step>.log and timed; a failed step does not stop the
 # next. The whole run stays under 8 minutes (each step's limit is cut to what is left of TOTAL_SECONDS).
 #   1. ray-agent check on the real NVML
-#   2. nvidia-smi captures (topo -m, nvlink --status, -q, -q -x, --query-gpu CSV) and `rayrack gpu-check` on them
+#   2. nvidia-smi captures (topo -m, nvlink --status, -q, -q -x, --query-gpu CSV) and `rayrack gpu-check` on them;
+#      the check's NVML source against its nvidia-smi parsers on this machine (tests/gpu/nvml_vs_nvidia_smi.py)
 #   3. the simulated libnvidia-ml.so.1 against the real one (tests/gpu/nvml_differential.py)
 #   4. GPM: support per GPU, and one pair of samples while the GPU computes (PyTorch, when installed)
 #   5. make bench-agent BENCH_AGENT_NVML=real: the agent against nvitop-exporter (and Ray, when installed)
@@ -114,6 +115,7 @@ step capture-q-xml 60 capture nvidia-smi-q.xml nvidia-smi -q -x
 step capture-query-gpu 30 capture nvidia-smi-query-gpu.csv nvidia-smi --format=csv \
     --query-gpu=pcie.link.gen.current,pcie.link.gen.max,pcie.link.width.current,pcie.link.width.max,name,driver_version,ecc.mode.current,retired_pages.pending,remapped_rows.pending,remapped_rows.failure,utilization.gpu,index,uuid,pci.bus_id
 step gpu-check 60 gpu_check
+step gpu-check-nvml 90 "$PY" tests/gpu/nvml_vs_nvidia_smi.py
 
 # --- 3. the simulated library against the real one -----------------------------------------------------
 step nvml-sim-build 90 make --no-print-directory nvml-sim

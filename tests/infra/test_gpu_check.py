@@ -436,7 +436,7 @@ def run_fake(tmp_path: Path, script: Path) -> tuple[dict, dict]:
     from .test_gpu_validate import run_module
 
     report_path = tmp_path / "report.json"
-    result = run_module({"profiles": gpu_check.load_profiles(), "nvidia_smi": str(script), "dcgmi": "",
+    result = run_module({"profiles": gpu_check.load_profiles(), "nvidia_smi": str(script), "dcgmi": "", "nvml": "off",
                          "report_path": str(report_path)})
     assert report_path.exists(), result
     return result, json.loads(report_path.read_text())

@@ -194,7 +194,7 @@ def standin_env(tmp_path, monkeypatch):
 
 
 def test_standin_passes_the_lab_profile(standin_env):
-    observed, errors = gv.observe(str(STANDIN), "", 30)
+    observed, errors = gv.observe(str(STANDIN), "", 30, nvml="off")
     assert errors == []
     assert [g["driver_version"] for g in observed["gpus"]] == ["535.309.01"] * 2
     assert gv.compare(observed, LAB_PROFILE) == []
@@ -202,7 +202,7 @@ def test_standin_passes_the_lab_profile(standin_env):
 
 def test_standin_with_a_link_down_fails_the_lab_profile(standin_env):
     (standin_env / "links-down").write_text("1 7\n")
-    observed, _ = gv.observe(str(STANDIN), "", 30)
+    observed, _ = gv.observe(str(STANDIN), "", 30, nvml="off")
     checks = {(d["check"], d["gpu"]) for d in gv.compare(observed, LAB_PROFILE)}
     assert checks == {("NVLink links per pair", "GPU0-GPU1"), ("NVLink inactive", "GPU1"),
                       ("NVLink active links", "GPU1")}
@@ -212,7 +212,7 @@ def test_module_fails_with_the_table_and_writes_the_report(standin_env):
     (standin_env / "links-down").write_text("0 3\n")
     report = standin_env / "report.json"
     args = {"ANSIBLE_MODULE_ARGS": {"profile": "lab", "profiles": {"lab": LAB_PROFILE}, "nvidia_smi": str(STANDIN),
-                                    "dcgmi": "", "report_path": str(report)}}
+                                    "dcgmi": "", "nvml": "off", "report_path": str(report)}}
     result = run_module(args["ANSIBLE_MODULE_ARGS"])
     assert result["failed"] is True
     assert "3 difference(s) from the expected GPU profile" in result["msg"]

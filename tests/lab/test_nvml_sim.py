@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,13 +75,18 @@ def compiled_gpus(text: str) -> tuple[str, list[tuple[str, str]]]:
     return driver, list(zip(uuids, models, strict=True))
 
 
-def test_workers_read_simulated_gpus_through_nvml_and_prometheus_has_them() -> None:
-    lab = the_lab()
-    started = time.monotonic()
+def simulated_workers(lab: labtool.Lab) -> list[labtool.Node]:
     simulated = [
         node for node in lab.nodes[1:] if labtool.ssh(lab, node, f"sudo test -f {CONFIG}", check=False).returncode == 0
     ]
     assert simulated, f"no worker of the {LAB_NAME} lab has {CONFIG}: set nvml_sim_enabled on its workers"
+    return simulated
+
+
+def test_workers_read_simulated_gpus_through_nvml_and_prometheus_has_them() -> None:
+    lab = the_lab()
+    started = time.monotonic()
+    simulated = simulated_workers(lab)
     for node in simulated:
         driver, gpus = compiled_gpus(ssh(lab, node, f"sudo cat {CONFIG}"))
         assert gpus, f"{node.name}: {CONFIG} names no GPUs"
@@ -158,3 +164,101 @@ def test_gpm_from_the_simulator_reaches_prometheus_only_for_gpm_gpus() -> None:
         for rows in series.values():
             assert all(0.0 <= float(r["value"][1]) <= 1.0 for r in rows), rows
         assert query(f'rayrack_gpu_field_errors_total{{node="{node.name}",field="gpm"}}') == []
+
+
+FAULT_FILE = "/tmp/rayrack-gpu-fault-{n}.conf"
+# gpu_validate on one worker: each faulty scenario through RAYRACK_NVML_SCENARIO, then the node's own (the
+# library's default /etc/rayrack/nvml-sim.conf). The own scenario loses GPU1 for 30 s every 10 minutes: one
+# retry after that window.
+GPU_VALIDATE_PLAYBOOK = """
+- name: GPU acceptance check on simulated faults
+  hosts: {host}
+  gather_facts: false
+  become: true
+  vars:
+    faults: {faults}
+  tasks:
+    - name: Copy the faulty scenarios
+      ansible.builtin.copy:
+        src: "{configs}/fault-{{{{ item }}}}.conf"
+        dest: "{fault_file}"
+        owner: root
+        group: root
+        mode: "0600"
+      loop: "{{{{ faults }}}}"
+    - name: Check the GPUs of each faulty scenario
+      gpu_validate:
+        profiles: {{}}
+        dcgmi: ""
+      environment:
+        RAYRACK_NVML_SCENARIO: "{fault_file}"
+      loop: "{{{{ faults }}}}"
+      register: faulty
+      failed_when: false
+    - name: Check the GPUs of the node's own scenario
+      gpu_validate:
+        profiles: {{}}
+        dcgmi: ""
+      register: own
+      failed_when: false
+      until: own.differences | default(['no result']) | length == 0
+      retries: 1
+      delay: 35
+    - name: Remove the faulty scenarios
+      ansible.builtin.file:
+        path: "{fault_file}"
+        state: absent
+      loop: "{{{{ faults }}}}"
+"""
+
+
+def test_gpu_validate_reads_nvml_on_a_worker_and_names_each_fault(tmp_path: Path) -> None:
+    from gpu_faults import FAULTS, faulty
+
+    lab = the_lab()
+    worker = simulated_workers(lab)[0]
+    # What this checks: the module on NVML alone, as on a node whose nvidia-smi cannot read the GPUs.
+    assert labtool.ssh(lab, worker, "command -v nvidia-smi", check=False).returncode != 0, \
+        f"{worker.name} has an nvidia-smi: this test expects a lab worker without one"
+    before = ssh(lab, worker, f"sudo stat -c %Y:%s {CONFIG} && sudo sha256sum {CONFIG}")
+    _, gpus = compiled_gpus(ssh(lab, worker, f"sudo cat {CONFIG}"))
+    faults = list(FAULTS)
+    for n, fault in enumerate(faults):
+        scenario = tmp_path / f"fault-{n}.yml"
+        scenario.write_text(yaml.safe_dump(faulty(fault)), encoding="utf-8")
+        compiled = subprocess.run([sys.executable, "-m", "ray_agent.cli", "nvml-sim", "compile", str(scenario),
+                                   str(tmp_path / f"fault-{n}.conf")], cwd=REPO, capture_output=True, text=True,
+                                  check=False)
+        assert compiled.returncode == 0, compiled.stderr
+    playbook = tmp_path / "gpu_validate.yml"
+    playbook.write_text(GPU_VALIDATE_PLAYBOOK.format(host=worker.name, faults=json.dumps(list(range(len(faults)))),
+                                                     configs=tmp_path, fault_file=FAULT_FILE.format(n="{{ item }}")))
+    role = REPO / "roles" / "gpu_validate"
+    env = dict(os.environ, ANSIBLE_CACHE_PLUGIN_CONNECTION=str(INVENTORY / ".facts"),
+               ANSIBLE_LIBRARY=str(role / "library"), ANSIBLE_MODULE_UTILS=str(role / "module_utils"),
+               ANSIBLE_STDOUT_CALLBACK="json", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
+    run = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(INVENTORY),
+                          str(playbook)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    tasks = {t["task"]["name"]: t["hosts"][worker.name] for t in json.loads(run.stdout)["plays"][0]["tasks"]}
+
+    results = tasks["Check the GPUs of each faulty scenario"]["results"]
+    assert len(results) == len(faults)
+    for fault, result in zip(faults, results, strict=True):
+        check = FAULTS[fault][1]
+        # failed_when: false keeps the loop going; the module's failure is its differences and its table.
+        assert [(d["check"], d["gpu"]) for d in result["differences"]] == [(check, "GPU1")], (fault, result["msg"])
+        assert f"| {check}" in result["msg"], fault
+        observed = result["report"]["observed"]
+        # No nvidia-smi on a lab worker: NVML alone, and the report says the topology was not read.
+        assert observed["read"] == ["NVML"] and "not found" in observed["unread"]["topology"], fault
+        assert result["report"]["profile"] is None
+
+    own = tasks["Check the GPUs of the node's own scenario"]
+    assert own["differences"] == [] and own["report"]["ok"] is True, own.get("msg")
+    assert own["report"]["observed"]["read"] == ["NVML"]
+    assert [(g["uuid"], g["name"]) for g in own["report"]["observed"]["gpus"]] == gpus
+
+    # The node's own configuration (and so the agent's and Ray's GPUs, and their scenario clock) is untouched.
+    assert ssh(lab, worker, f"sudo stat -c %Y:%s {CONFIG} && sudo sha256sum {CONFIG}") == before
+    assert ssh(lab, worker, "ls /tmp").count("rayrack-gpu-fault-") == 0

@@ -84,6 +84,29 @@ def test_topology_faults_through_pynvml(nvml_sim_library: Path, tmp_path: Path) 
     assert not_ready["remapped"] == "NVMLError_NotSupported"
 
 
+ECC_AND_LINK_SPEEDS = """
+pynvml.nvmlInit()
+result = []
+for index in range(pynvml.nvmlDeviceGetCount()):
+    h = pynvml.nvmlDeviceGetHandleByIndex(index)
+    scoped = [(pynvml.NVML_FI_DEV_NVLINK_GET_SPEED, link) for link in (0, 5, 13, 17, 18)]
+    result.append({"ecc": pynvml.nvmlDeviceGetEccMode(h),
+                   "speeds": [[v.nvmlReturn, v.value.uiVal] for v in pynvml.nvmlDeviceGetFieldValues(h, scoped)]})
+pynvml.nvmlShutdown()
+"""
+
+
+def test_ecc_mode_and_the_per_link_speed_field_of_any_link(nvml_sim_library: Path, tmp_path: Path) -> None:
+    config = tmp_path / "sim.conf"
+    links = {"count": 18, "speed_mbps": 26562, "down": [17], "speeds": {13: 13281}}
+    write_config(config, {"gpus": [{**H100, "nvlink_links": links}, {**H100, "ecc_enabled": False}]})
+    on, off = run_client(config, ECC_AND_LINK_SPEEDS)
+    assert on["ecc"] == [1, 1] and off["ecc"] == [0, 0]
+    # NVML_FI_DEV_NVLINK_GET_SPEED reaches links past L11: link 13 slow, link 17 down, no link 18.
+    assert on["speeds"] == [[0, 26562], [0, 26562], [0, 13281], [0, 0], [3, 0]]
+    assert off["speeds"] == [[0, 25781]] * 2 + [[3, 0]] * 3  # the default 12 links
+
+
 @pytest.mark.parametrize(
     ("gpu", "message"),
     [
@@ -95,6 +118,7 @@ def test_topology_faults_through_pynvml(nvml_sim_library: Path, tmp_path: Path) 
         ({"fabric": {"state": "done"}}, "gpus[0].fabric.state: 'done' is not allowed; allowed values: not_started"),
         ({"fabric": {"state": "completed", "status": "hang"}}, "gpus[0].fabric.status: a fabric status cannot hang"),
         ({"remapped_rows": {"pending": "yes"}}, "gpus[0].remapped_rows.pending: expected true or false"),
+        ({"ecc_enabled": "off"}, "gpus[0].ecc_enabled: expected true or false"),
         ({"clock_event_reasons": ["slow"]}, "gpus[0].clock_event_reasons[0]: 'slow' is not allowed"),
         ({"fan_speed": 1.5}, "gpus[0].fan_speed: 1.5 is above the maximum 1"),
         ({"memory_reserved": "100GiB"}, "gpus[0].memory_reserved: exceeds memory_total"),

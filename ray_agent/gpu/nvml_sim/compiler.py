@@ -25,6 +25,7 @@ text (model names, user names, the driver version) only in the last position of 
     memory_reserved 536870912
     remapped_rows 0 1 1 0          # correctable uncorrectable pending(0/1) failed(0/1)
     retired_pages_pending 0
+    ecc_mode 1                     # ECC enabled (1) or disabled (0), current and pending
     clock_event_reasons 4          # NVML's bitmask
     pcie_link 4 8 4 16 4           # generation width max_generation max_width gpu_max_generation
     fabric 3 0                     # state (1 not started, 2 in progress, 3 completed), status (NVML code)
@@ -156,6 +157,7 @@ def _health(health: Health) -> list[str]:
         f"memory_reserved {health.memory_reserved_bytes}",
         f"remapped_rows {rows.correctable} {rows.uncorrectable} {int(rows.pending)} {int(rows.failed)}",
         f"retired_pages_pending {int(health.retired_pages_pending)}",
+        f"ecc_mode {int(health.ecc_enabled)}",
         f"clock_event_reasons {health.clock_event_reasons}",
     ]
 

@@ -52,6 +52,7 @@ enum {
 #define FI_NVLINK_SPEED_L0 84u   /* L0..L5: 84..89 */
 #define FI_NVLINK_SPEED_L6 132u  /* L6..L11: 132..137 */
 #define FI_NVLINK_SPEED_COMMON 90u
+#define FI_NVLINK_GET_SPEED 164u /* any link: the link is the value's scopeId */
 #define NVLINK_SPEED_FIELD_LINKS 12u
 #define MAX_NVLINKS 18
 #define VALUE_TYPE_UINT 1
@@ -195,6 +196,7 @@ struct gpu {
     unsigned long long memory_reserved;
     unsigned int remapped[4]; /* correctable, uncorrectable, pending, failed */
     unsigned int retired_pages_pending;
+    unsigned int ecc_disabled; /* zero (a file without an ecc_mode line): enabled */
     unsigned long long clock_event_reasons;
     /* topology */
     unsigned int pcie_link[5]; /* generation, width, max generation, max width, GPU max generation */
@@ -609,6 +611,8 @@ static struct scenario *load_scenario(const char *path, nvmlReturn_t *error)
                 g->remapped[i] = (unsigned int)next_int(&r);
         } else if (strcmp(key, "retired_pages_pending") == 0) {
             g->retired_pages_pending = (unsigned int)next_int(&r);
+        } else if (strcmp(key, "ecc_mode") == 0) {
+            g->ecc_disabled = next_int(&r) == 0;
         } else if (strcmp(key, "clock_event_reasons") == 0) {
             g->clock_event_reasons = (unsigned long long)next_int(&r);
         } else if (strcmp(key, "pcie_link") == 0) {
@@ -1254,10 +1258,9 @@ API nvmlReturn_t nvmlDeviceGetTotalEccErrors(void *device, int error_type, int c
 API nvmlReturn_t nvmlDeviceGetEccMode(void *device, int *current, int *pending)
 {
     DEVICE_CALL(CALL_ECC, device, g);
-    (void)g;
     if (!current || !pending)
         return NVML_ERROR_INVALID_ARGUMENT;
-    *current = *pending = 1;
+    *current = *pending = g->ecc_disabled ? 0 : 1;
     return NVML_SUCCESS;
 }
 
@@ -1509,7 +1512,7 @@ static int speed_field_link(unsigned int field)
 static int field_call(unsigned int field)
 {
     if (field == FI_NVLINK_TX || field == FI_NVLINK_RX || field == FI_NVLINK_SPEED_COMMON ||
-        speed_field_link(field) >= 0)
+        field == FI_NVLINK_GET_SPEED || speed_field_link(field) >= 0)
         return CALL_NVLINK;
     if (field == FI_MEMORY_TEMP)
         return CALL_MEMORY_TEMPERATURE;
@@ -1543,7 +1546,7 @@ static void other_field(const struct scenario *s, const struct gpu *g, nvmlField
         v->value.uiVal = common_nvlink_speed(g);
         return;
     }
-    unsigned int link = (unsigned int)speed_field_link(v->fieldId);
+    unsigned int link = v->fieldId == FI_NVLINK_GET_SPEED ? v->scopeId : (unsigned int)speed_field_link(v->fieldId);
     if (link >= g->nvlink_links)
         v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
     else

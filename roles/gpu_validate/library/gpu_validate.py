@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""Ansible module: check a node's GPUs for self-consistency and against an expected profile, from nvidia-smi
-(and dcgmi when present).
+"""Ansible module: check a node's GPUs for self-consistency and against an expected profile, from NVML and
+nvidia-smi (and dcgmi when present).
 
 The parsers and checks are module_utils/rayrack_gpu_check.py (rayrack/gpu_check.py, also behind
 `rayrack gpu-check`); this module only runs them, writes the JSON report and turns error findings into a failed
@@ -13,17 +13,21 @@ import json
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.rayrack_gpu_check import check, empty_observation, observe, table
+from ansible.module_utils.rayrack_gpu_check import NVML_MODES, check, empty_observation, observe, table
 
 DOCUMENTATION = r"""
 module: gpu_validate
 short_description: Check a node's NVIDIA GPUs, NVLink topology and health for consistency and against a profile
 description:
-  - Runs C(nvidia-smi --query-gpu), C(nvidia-smi topo -m), C(nvidia-smi nvlink --status) and, when C(dcgmi) is
-    found, C(dcgmi diag -r 1); parses them, checks that the node is consistent with itself (one model, even
+  - Reads the GPUs through NVML (C(libnvidia-ml.so.1)) where it loads and initialises, and the GPU-pair topology
+    and CPU/NUMA affinity from C(nvidia-smi topo -m); without NVML (or with O(nvml=off)) runs
+    C(nvidia-smi --query-gpu), C(nvidia-smi topo -m) and C(nvidia-smi nvlink --status). Runs C(dcgmi diag -r 1)
+    when C(dcgmi) is found. Checks that the node is consistent with itself (one model, even
     NVLink, PCIe links at their top width, ECC on data-centre GPUs, no pending remaps, fabric registered) and
     compares against O(profile).
-  - Fails with a table of every error finding; writes a JSON report either way when O(report_path) is set.
+  - Fails with a table of every error finding; writes a JSON report either way when O(report_path) is set. The
+    report's C(observed.sources) names where each fact came from (C(NVML) or the nvidia-smi command),
+    C(observed.unread) what could not be read (a note each, such as the topology where nvidia-smi is absent).
 options:
   profile:
     description:
@@ -36,6 +40,13 @@ options:
     description: Profiles by name; each holds count, model, nvlink, pcie, ecc, persistence, driver_version.
     type: dict
     required: true
+  nvml:
+    description:
+      - C(auto) reads NVML first and falls back to nvidia-smi where NVML does not load or initialise; C(off) uses
+        nvidia-smi only.
+    type: str
+    choices: [auto, "off"]
+    default: auto
   nvidia_smi:
     description: nvidia-smi executable.
     type: str
@@ -48,7 +59,7 @@ options:
     description: Where to write this node's JSON report.
     type: path
   timeout:
-    description: Seconds each command may take.
+    description: Seconds each command may take, and NVML's reads together.
     type: int
     default: 120
 """
@@ -58,6 +69,7 @@ def main() -> None:
         argument_spec={
             "profile": {"type": "str", "default": "auto"},
             "profiles": {"type": "dict", "required": True},
+            "nvml": {"type": "str", "choices": list(NVML_MODES), "default": "auto"},
             "nvidia_smi": {"type": "str", "default": "nvidia-smi"},
             "dcgmi": {"type": "str", "default": "dcgmi"},
             "report_path": {"type": "path"},
@@ -67,7 +79,7 @@ def main() -> None:
     )
     p = module.params
     try:
-        observed, errors = observe(p["nvidia_smi"], p["dcgmi"], p["timeout"])
+        observed, errors = observe(p["nvidia_smi"], p["dcgmi"], p["timeout"], p["nvml"])
         report = check(observed, p["profile"], p["profiles"], errors)
     except Exception as exc:  # whatever went wrong, the report is written and names it
         report = check(empty_observation(), p["profile"], p["profiles"],
