@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="create or update the dashboards in an existing Grafana (see grafana-sync --help)")
     grafana.add_argument("sync_args", nargs=argparse.REMAINDER)
     gpu_check = sub.add_parser("gpu-check", add_help=False,
-                               help="check one node's GPUs from saved nvidia-smi outputs (see gpu-check --help)")
+                               help="check one node's GPUs, saved nvidia-smi outputs or live (see gpu-check --help)")
     gpu_check.add_argument("check_args", nargs=argparse.REMAINDER)
     return p
 
