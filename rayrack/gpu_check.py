@@ -742,6 +742,9 @@ def self_consistency(observed: dict[str, Any]) -> list[dict[str, str]]:
             out.add("fabric state", gid, "Completed (Fabric Manager registered the GPU)", state)
         elif state == "Completed" and status is not None and status != "Success":
             out.add("fabric status", gid, "Success", status)
+        if _enabled(gpu.get("persistence_mode")) is False:
+            # A setting, not a fault: the first CUDA call after idle then pays the driver's start-up.
+            out.add("persistence mode", gid, "Enabled (nvidia-persistenced)", gpu.get("persistence_mode"), "note")
     _pcie_findings(observed.get("samples") or gpus, out)
     _topology_findings(observed.get("topology"), out)
     _nvlink_findings(observed.get("nvlink") or {}, out)
@@ -800,14 +803,16 @@ def _topology_findings(topo: dict[str, Any] | None, out: _Findings) -> None:
 def select_profile(name: str, profiles: dict[str, dict[str, Any]], gpus: list[dict[str, Any]]
                    ) -> tuple[str | None, dict[str, Any]]:
     """The named profile, or with "auto" the one matching the GPUs found (model pattern and count), or
-    (None, {}) when none matches: then only the self-consistency checks run."""
+    (None, {}) when none matches: then only the self-consistency checks run. A profile for any model
+    (model ".", such as workstation-1) is a site's policy, not a description of hardware: it applies only
+    when named."""
     if name != "auto":
         if name not in profiles:
             raise ValueError(f"no GPU profile named {name!r}; known: {', '.join(sorted(profiles))}")
         return name, profiles[name]
     names = sorted({g.get("name") or "?" for g in gpus})
-    matches = [n for n, prof in sorted(profiles.items(), key=lambda item: (item[1].get("model", ".") == ".", item[0]))
-               if prof.get("count") == len(gpus) and all(re.search(prof.get("model", "."), m) for m in names)]
+    matches = [n for n, prof in sorted(profiles.items()) if prof.get("model", ".") != "."
+               and prof.get("count") == len(gpus) and all(re.search(prof["model"], m) for m in names)]
     return (matches[0], profiles[matches[0]]) if matches else (None, {})
 
 

@@ -79,8 +79,9 @@ def named(rep: dict) -> set[tuple[str, str, str]]:
 def test_single_sxm_gpu_with_its_nvlinks_up_is_consistent(tmp_path, name, model, cpus):
     rc, rep = report(split_capture(capture(name), tmp_path))
     assert rc == 0 and rep["ok"] is True
-    assert rep["findings"] == []
-    assert rep["profile"] == "workstation-1"  # one GPU: the generic single-GPU profile, persistence Enabled
+    # No shipped profile describes one SXM GPU: self-consistency alone, which finds nothing.
+    assert rep["profile"] is None
+    assert [(f["severity"], f["check"]) for f in rep["findings"]] == [("note", "profile")]
     observed = rep["observed"]
     assert [g["name"] for g in observed["gpus"]] == [model]
     # topo -m with its ANSI-underlined header: one GPU, so no peers; affinity read from their own columns
@@ -98,7 +99,7 @@ def test_single_sxm_gpu_with_its_nvlinks_up_is_consistent(tmp_path, name, model,
 @pytest.mark.parametrize("name", [H100_MIG, H200_MIG])
 def test_mig_gpu_reports_no_nvlink_and_no_remap_state(tmp_path, name):
     rc, rep = report(split_capture(capture(name), tmp_path))
-    assert rc == 0 and rep["findings"] == []
+    assert rc == 0 and [(f["severity"], f["check"]) for f in rep["findings"]] == [("note", "profile")]
     status = rep["observed"]["nvlink"]["0"]
     assert status["links"] == {} and status["note"] == "Nvlink queries are not supported for Devices in MIG mode"
     # under MIG the CSV has [N/A] for utilisation and remapped rows; -q fills what it knows
@@ -113,10 +114,14 @@ def test_l40s_has_no_nvlink_and_persistence_off(tmp_path):
     assert (gpu["pcie.link.gen.current"], gpu["pcie.link.gen.max"], gpu["pcie.link.width.current"],
             gpu["pcie.link.width.max"]) == ("4", "4", "16", "16")
     assert gpu["fabric.state"] is None  # N/A: no NVSwitch fabric
-    # The capture's table says Persistence-M Off: the single-GPU profile expects it on, nothing else is amiss.
-    assert rc == 1
-    assert [(f["check"], f["expected"], f["observed"]) for f in rep["findings"]] == [
-        ("persistence mode", "Enabled", "Disabled")]
+    # The capture's table says Persistence-M Off: a setting worth a note, not a fault; nothing is amiss.
+    assert rc == 0
+    assert [(f["severity"], f["check"]) for f in rep["findings"]] == [("note", "profile"),
+                                                                       ("note", "persistence mode")]
+    # The single-GPU profile, named, expects persistence on.
+    rc, rep = report(split_capture(capture(L40S), tmp_path / "named"), "--profile", "workstation-1")
+    assert rc == 1 and ("error", "persistence mode", "Disabled") in [
+        (f["severity"], f["check"], f["observed"]) for f in rep["findings"]]
 
 
 def test_a_named_profile_adds_its_expectations(tmp_path):
@@ -126,11 +131,11 @@ def test_a_named_profile_adds_its_expectations(tmp_path):
 
 
 def test_table_output(tmp_path):
-    rc, out, _ = gpu_check_cli(split_capture(capture(L40S), tmp_path))
+    rc, out, _ = gpu_check_cli(split_capture(capture(L40S), tmp_path), "--profile", "workstation-1")
     assert rc == 1
     assert out.splitlines()[0] == ("1 GPU(s); profile: workstation-1; read: nvidia-smi-query-gpu.csv, "
                                    "nvidia-smi-q.txt, nvidia-smi-topo-m.txt, nvidia-smi-nvlink-status.txt")
-    assert "| error    | persistence mode | GPU0 | Enabled  | Disabled |" in out
+    assert re.search(r"\| error +\| persistence mode \| GPU0 \| Enabled +\| Disabled +\|", out), out
 
 
 # --- The parser data in tests/infra/data ---------------------------------------------------------------------
@@ -447,7 +452,7 @@ def test_module_on_a_real_capture(tmp_path):
     files = {p.name: p.read_text(encoding="utf-8") for p in node.iterdir()}
     result, saved = run_fake(tmp_path, fake_nvidia_smi(tmp_path, files))
     assert result.get("failed") is not True, result
-    assert saved["ok"] is True and saved["profile"] == "workstation-1"
+    assert saved["ok"] is True and saved["profile"] is None
     assert saved["observed"]["topology"]["cpu"] == {"GPU0": "0-23"}
 
 
@@ -492,7 +497,8 @@ def test_cluster_report_is_written_when_a_host_has_no_report(tmp_path):
                         f'last): boom" >&2; exit 1 ;; esac\nexec {sys.executable} "$@"\n')
     crashing.chmod(0o755)
     (tmp_path / "hosts.yml").write_text(json.dumps({"all": {"hosts": {
-        "good": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
+        "good": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                 "gpu_validate_profile": "workstation-1"},
         # the module's shebang is python3: Ansible runs it with ansible_python3_interpreter
         "broken": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
                    "ansible_python3_interpreter": str(crashing)},

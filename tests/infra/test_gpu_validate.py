@@ -161,13 +161,16 @@ def test_missing_gpu_and_wrong_model():
 
 @pytest.mark.parametrize(("name", "count", "profile"), [
     ("NVIDIA A100-SXM4-80GB", 8, "hgx-a100-8"), ("NVIDIA A100-SXM4-40GB", 4, "hgx-a100-4"),
-    ("NVIDIA L40S", 4, "pcie-l40s-4"), ("NVIDIA GeForce RTX 4090", 1, "workstation-1")])
+    ("NVIDIA L40S", 4, "pcie-l40s-4"), ("NVIDIA GeForce RTX 5090", 2, "workstation-rtx5090-2")])
 def test_auto_picks_the_shipped_profile(name, count, profile):
     assert gv.select_profile("auto", PROFILES, [{"name": name}] * count)[0] == profile
 
 
 def test_no_matching_profile_leaves_the_self_consistency_checks():
     assert gv.select_profile("auto", PROFILES, [{"name": "NVIDIA L40S"}] * 3) == (None, {})
+    # A profile for any model applies only when named.
+    assert gv.select_profile("auto", PROFILES, [{"name": "NVIDIA GeForce RTX 4090"}]) == (None, {})
+    assert gv.select_profile("workstation-1", PROFILES, [{"name": "NVIDIA GeForce RTX 4090"}])[0] == "workstation-1"
     report = gv.check({"gpus": [{"index": str(i), "name": "NVIDIA L40S"} for i in range(3)]}, "auto", PROFILES)
     assert report["ok"] is True and report["profile"] is None
     assert [(f["severity"], f["check"], f["observed"]) for f in report["findings"]] == [
