@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return sync.main(argv[1:])
     if argv[:1] == ["gpu-check"]:
-        # Reads capture files only: no inventory needed.
+        # No inventory needed (capture files, or this machine).
         from rayrack import gpu_check
 
         return gpu_check.main(argv[1:])

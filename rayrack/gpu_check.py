@@ -385,8 +385,14 @@ class _Utilization(ctypes.Structure):  # nvmlUtilization_t
     _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
 
 
-class _Value(ctypes.Union):  # nvmlValue_t (its 8-byte members; the others overlay them)
-    _fields_ = [("dVal", ctypes.c_double), ("uiVal", ctypes.c_uint), ("ullVal", ctypes.c_ulonglong)]
+class _Value(ctypes.Union):  # nvmlValue_t
+    _fields_ = [("dVal", ctypes.c_double), ("uiVal", ctypes.c_uint), ("ulVal", ctypes.c_ulong),
+                ("ullVal", ctypes.c_ulonglong), ("sllVal", ctypes.c_longlong), ("siVal", ctypes.c_int),
+                ("usVal", ctypes.c_ushort)]
+
+    def of_type(self, value_type: int) -> float | int:
+        """The member that nvmlValueType_t names (the members are in that order)."""
+        return getattr(self, self._fields_[value_type][0])
 
 
 class _FieldValue(ctypes.Structure):  # nvmlFieldValue_t
@@ -554,7 +560,8 @@ def _nvml_links(nvml: _Nvml, gid: str, handle: ctypes.c_void_p) -> dict[str, Any
         if nvml.get(gid, "nvmlDeviceGetFieldValues", handle, ctypes.c_int(len(values)), values):
             for value, link in zip(values, up, strict=True):
                 if value.nvmlReturn == NVML_SUCCESS:
-                    speeds[link] = value.value.uiVal / 1000  # MB/s -> GB/s, as nvidia-smi nvlink --status
+                    # MB/s -> GB/s, as nvidia-smi nvlink --status
+                    speeds[link] = value.value.of_type(value.valueType) / 1000
                 elif value.nvmlReturn not in NOT_OFFERED:
                     nvml.errors.append(f"{NVML_SOURCE} NVLink speed field {value.fieldId} on {gid} link {link}: "
                                        f"{nvml.error_string(value.nvmlReturn)}")
@@ -701,6 +708,10 @@ def compare(observed: dict[str, Any], profile: dict[str, Any]) -> list[dict[str,
     if nvlink:
         topo = observed.get("topology") or {"gpus": [], "links": {}}
         want_pair = nvlink.get("links_per_pair")
+        unread = (observed.get("unread") or {}).get("topology")
+        if want_pair and unread and not topo["gpus"]:
+            # A live node whose profile asserts the pairs must show them: unknown is not healthy.
+            diffs.add("NVLink links per pair", "-", f"NV{want_pair} between every pair", f"not read: {unread}")
         if want_pair:
             names = topo["gpus"]
             for i, a in enumerate(names):
@@ -816,6 +827,12 @@ def select_profile(name: str, profiles: dict[str, dict[str, Any]], gpus: list[di
     return (matches[0], profiles[matches[0]]) if matches else (None, {})
 
 
+def _lists_gpus(source: str) -> bool:
+    """Whether a source names every GPU (NVML, --query-gpu, -q), so that naming none is a finding."""
+    return source in (NVML_SOURCE, "nvidia-smi --query-gpu") or Path(source).name in (
+        CAPTURE_FILES["query"], CAPTURE_FILES["q"], CAPTURE_FILES["xml"])
+
+
 def check(observed: dict[str, Any], profile_name: str, profiles: dict[str, dict[str, Any]],
           errors: list[str] | None = None) -> dict[str, Any]:
     """The report: self-consistency findings, plus a profile's differences when one is named or matches.
@@ -835,6 +852,10 @@ def check(observed: dict[str, Any], profile_name: str, profiles: dict[str, dict[
     except ValueError as exc:
         name, profile = profile_name, {}
         findings.add("profile", "-", ", ".join(sorted(profiles)), str(exc))
+    listing = [source for source in observed.get("read") or [] if _lists_gpus(source)]
+    if not gpus and listing:
+        # NVML or nvidia-smi answered and named no GPU: on a node whose PCI bus has GPUs, the driver lost them.
+        findings.add("GPU count", "-", "at least one GPU", f"none listed by {', '.join(listing)}")
     if name is None:
         models = ", ".join(sorted({g.get("name") or "?" for g in gpus})) or "no GPU"
         findings.add("profile", "-", "a profile for stricter checks",
@@ -939,6 +960,8 @@ def _run(argv: list[str], timeout: int) -> tuple[int, str, str]:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError:
         return 127, "", f"{argv[0]}: not found"
+    except OSError as exc:
+        return 126, "", f"{argv[0]}: {exc.strerror}"
     except subprocess.TimeoutExpired:
         return 124, "", f"{' '.join(argv)}: timed out after {timeout}s"
     return proc.returncode, proc.stdout, proc.stderr

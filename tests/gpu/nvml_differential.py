@@ -50,7 +50,7 @@ def _calls(nvml) -> list[tuple[str, Callable[[Any], Any], Callable[[Any], bool],
             if value.nvmlReturn != nvml.NVML_SUCCESS:
                 raise nvml.NVMLError(value.nvmlReturn)
             # The union member that the value's type names (nvmlValueType_t).
-            member = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal")[value.valueType]
+            member = nvml.c_nvmlValue_t._fields_[value.valueType][0]
             return {"valueType": value.valueType, "value": getattr(value.value, member)}
 
         return read

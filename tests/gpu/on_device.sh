@@ -7,7 +7,7 @@
 # Needs: the NVIDIA driver (libnvidia-ml.so.1, nvidia-smi), python3 (3.11+) with nvidia-ml-py, prometheus-client,
 # PyYAML and psutil, gcc and make. No network: Python packages the machine lacks (nvitop and nvitop-exporter for
 # the benchmark's peer, say) travel as wheels in .whl/ at the repository root and are installed with
-# `pip install --no-index --target /tmp/site` before the first step. Runs as any user; as root it sees every
+# `pip install --no-index --target` a private temporary directory before the first step. Runs as any user; as root it sees every
 # process on the GPUs.
 #
 # Steps, in order, each under `timeout`, logged to $OUT/<step>.log and timed; a failed step does not stop the
@@ -93,9 +93,9 @@ trap cleanup EXIT
 export PYTHONPATH=$REPO
 if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
     step wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "$REPO"/.whl/*.whl
-    export PYTHONPATH=$REPO:/tmp/site
-    export PATH=/tmp/site/bin:$PATH
+        --target "$WORK/site" "$REPO"/.whl/*.whl
+    export PYTHONPATH=$REPO:$WORK/site
+    export PATH=$WORK/site/bin:$PATH
 fi
 log "python: $("$PY" --version 2>&1), driver: $(timeout 30 nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1 | head -1)"
 
@@ -112,8 +112,9 @@ step capture-topo 30 capture nvidia-smi-topo-m.txt nvidia-smi topo -m
 step capture-nvlink 30 capture nvidia-smi-nvlink-status.txt nvidia-smi nvlink --status
 step capture-q 60 capture nvidia-smi-q.txt nvidia-smi -q
 step capture-q-xml 60 capture nvidia-smi-q.xml nvidia-smi -q -x
-step capture-query-gpu 30 capture nvidia-smi-query-gpu.csv nvidia-smi --format=csv \
-    --query-gpu=pcie.link.gen.current,pcie.link.gen.max,pcie.link.width.current,pcie.link.width.max,name,driver_version,ecc.mode.current,retired_pages.pending,remapped_rows.pending,remapped_rows.failure,utilization.gpu,index,uuid,pci.bus_id
+# The fields gpu-check asks for itself on a live node.
+QUERY_FIELDS=$("$PY" -c 'from rayrack.gpu_check import QUERY_FIELDS; print(",".join(QUERY_FIELDS))')
+step capture-query-gpu 30 capture nvidia-smi-query-gpu.csv nvidia-smi --format=csv --query-gpu="$QUERY_FIELDS"
 step gpu-check 60 gpu_check
 step gpu-check-nvml 90 "$PY" tests/gpu/nvml_vs_nvidia_smi.py
 

@@ -40,10 +40,12 @@ PLAY = f"""
 """
 
 
-def render(tmp_path: Path, **settings: object) -> str:
+def render(tmp_path: Path, monitoring: dict | None = None, **settings: object) -> str:
     inventory = {"all": {"vars": {"ansible_connection": "local"}, "children": {
         "ray_head": {"hosts": {"head": HOSTS["head"]}},
         "ray_workers": {"hosts": {name: HOSTS[name] for name in ("worker1", "worker2")}}}}}
+    if monitoring:
+        inventory["all"]["children"]["monitoring"] = {"hosts": monitoring}
     (tmp_path / "hosts.json").write_text(json.dumps(inventory))
     (tmp_path / "play.yml").write_text(PLAY)
     dest = tmp_path / "rayrack.nft"
@@ -89,3 +91,11 @@ def test_monitoring_host_is_admitted_by_its_cluster_address_too(tmp_path):
     # Prometheus on the head scrapes workers' 10.20.0.x addresses, so its packets come from 10.20.0.10.
     table = render(tmp_path)
     assert {"10.20.0.10/32", "192.0.2.10/32"} <= elements(table, "monitoring_ipv4")
+
+
+def test_a_monitoring_host_outside_the_ray_nodes_is_admitted_by_its_addresses(tmp_path):
+    table = render(tmp_path, {"mon1": {"ansible_host": "192.0.2.50", "ray_node_ip": "10.20.0.50"}})
+    assert elements(table, "monitoring_ipv4") == {"10.20.0.50/32", "192.0.2.50/32"}
+    # It is not a node: collectives and Ray's ports stay closed to it.
+    assert "10.20.0.50/32" not in elements(table, "nodes_ipv4")
+

@@ -514,3 +514,23 @@ def test_cluster_report_is_written_when_a_host_has_no_report(tmp_path):
     assert cluster["hosts"]["good"]["ok"] is True
     assert cluster["hosts"]["good"]["profile"] == "workstation-1"  # the role read files/gpu_profiles.json
     assert cluster["hosts"]["broken"]["findings"][0]["observed"] == "no report"
+
+
+def test_a_node_whose_gpus_are_all_gone_is_a_finding(tmp_path):
+    # The driver answers and lists no GPU (fallen off the bus): not "consistent".
+    (tmp_path / "nvidia-smi-query-gpu.csv").write_text("index, name, uuid, pci.bus_id, driver_version\n")
+    rc, rep = report(tmp_path)
+    assert rc == 1 and ("GPU count", "at least one GPU") in [(f["check"], f["expected"]) for f in rep["findings"]]
+
+
+def test_a_busier_node_rewrites_no_report(tmp_path):
+    """Utilisation moves between runs; the report (and so the task) changes only when the verdict's inputs do."""
+    def query(utilization: int, driver: str = "590.48.01") -> dict[str, str]:
+        return {"nvidia-smi-query-gpu.csv": "index, name, uuid, driver_version, utilization.gpu [%]\n"
+                                            f"0, NVIDIA H200, GPU-1, {driver}, {utilization} %\n"}
+
+    first, _ = run_fake(tmp_path, fake_nvidia_smi(tmp_path, query(0)))
+    busier, saved = run_fake(tmp_path, fake_nvidia_smi(tmp_path, query(97)))
+    upgraded, _ = run_fake(tmp_path, fake_nvidia_smi(tmp_path, query(97, "595.80")))
+    assert (first["changed"], busier["changed"], upgraded["changed"]) == (True, False, True)
+    assert saved["observed"]["gpus"][0]["utilization.gpu"] == "0 %"  # the file keeps the earlier reading

@@ -138,6 +138,19 @@ def test_package_directory_must_be_on_the_shared_tree():
         "got '/opt/wheels'"]
 
 
+def test_package_directory_must_not_be_a_world_writable_one():
+    groups, hostvars = cluster(head={"rayrack_package_dir": "/srv/rayrack-shared/wheelhouse"})
+    assert errors(groups, hostvars) == [
+        "rayrack_package_dir: /srv/rayrack-shared/wheelhouse is one of rayrack_shared_layout, which everyone may "
+        "write; pip would install what any job put there"]
+
+
+def test_shared_packages_are_not_written_into_an_existing_nas():
+    groups, hostvars = cluster(head={"rayrack_shared_packages": ["einops==0.8.1"], "rayrack_nfs_server": "10.0.0.99"})
+    (error,) = errors(groups, hostvars)
+    assert error.startswith("rayrack_shared_packages: rayrack does not write into an existing NAS")
+
+
 @pytest.mark.parametrize("value", ["true", "yes", 1])
 def test_booleans_must_be_real(value):
     groups, hostvars = cluster(head={"rayrack_ray_auth_token_enabled": value})

@@ -64,6 +64,19 @@ options:
     default: 120
 """
 
+# Readings that follow the load (utilisation, the PCIe link as trained now): a report differing only in these
+# is the same report, so a re-run on a busy node changes nothing and the file keeps the earlier readings.
+LOAD_READINGS = ("utilization.gpu", "pcie.link.gen.current", "pcie.link.width.current")
+
+
+def steady(report: dict) -> dict:
+    """The report without the readings that follow the load."""
+    observed = dict(report.get("observed") or {})
+    observed["gpus"] = [{k: v for k, v in gpu.items() if k not in LOAD_READINGS} for gpu in observed.get("gpus") or []]
+    observed.pop("samples", None)
+    return dict(report, observed=observed)
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
@@ -90,8 +103,8 @@ def main() -> None:
         text = json.dumps(report, indent=2, sort_keys=True) + "\n"
         try:
             with open(p["report_path"], encoding="utf-8") as fh:
-                changed = fh.read() != text
-        except OSError:
+                changed = steady(json.load(fh)) != steady(report)
+        except (OSError, ValueError):
             changed = True
         if changed and not module.check_mode:
             os.makedirs(os.path.dirname(p["report_path"]) or ".", exist_ok=True)

@@ -214,6 +214,14 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
     if shared and packages and not str(packages).startswith(str(shared).rstrip("/") + "/"):
         errors.append(f"rayrack_package_dir: must lie inside rayrack_shared_dir ({shared}), where every node sees "
                       f"it; got {packages!r}")
+    elif shared and packages and str(packages)[len(str(shared).rstrip("/")) + 1:].strip("/") in \
+            cluster.get("rayrack_shared_layout", []):
+        errors.append(f"rayrack_package_dir: {packages} is one of rayrack_shared_layout, which everyone may write; "
+                      "pip would install what any job put there")
+    if cluster.get("rayrack_shared_packages") and cluster.get("rayrack_nfs_server"):
+        errors.append("rayrack_shared_packages: rayrack does not write into an existing NAS (rayrack_nfs_server); "
+                      f"copy the wheels into {packages or 'the package directory'} on the NAS as root, and leave "
+                      "rayrack_shared_packages empty")
 
     # The idle guard stops jobs through the Jobs API on the head: workers must be able to reach it.
     dashboard = cluster.get("rayrack_ray_dashboard_host")
