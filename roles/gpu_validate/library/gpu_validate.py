@@ -103,7 +103,8 @@ def main() -> None:
         text = json.dumps(report, indent=2, sort_keys=True) + "\n"
         try:
             with open(p["report_path"], encoding="utf-8") as fh:
-                changed = steady(json.load(fh)) != steady(report)
+                # Both as JSON has them (tuples are lists there).
+                changed = steady(json.load(fh)) != steady(json.loads(text))
         except (OSError, ValueError):
             changed = True
         if changed and not module.check_mode:
