@@ -91,3 +91,9 @@ def test_monitoring_host_is_admitted_by_its_cluster_address_too(tmp_path):
     # Prometheus on the head scrapes workers' 10.20.0.x addresses, so its packets come from 10.20.0.10.
     table = render(tmp_path)
     assert {"10.20.0.10/32", "192.0.2.10/32"} <= elements(table, "monitoring_ipv4")
+
+
+def test_a_monitoring_host_outside_the_ray_nodes_is_admitted(tmp_path):
+    table = render(tmp_path, {"mon1": {"ansible_host": "192.0.2.50"}})
+    assert elements(table, "monitoring_ipv4") == {"192.0.2.50/32"}
+    assert "192.0.2.50/32" not in elements(table, "nodes_ipv4")
