@@ -360,3 +360,8 @@ def test_token_for_unknown_user():
 def test_tokens_of_the_wrong_type_are_not_printed():
     found = errors(*users_cluster(GOOD_USERS, "alice-token-" + "x" * 40))
     assert found == ["rayrack_user_tokens: must be a mapping, got str (on head, worker1, worker2)"]
+
+
+def test_cert_sans_addresses_and_names_once():
+    assert inv.rayrack_cert_sans(["10.0.0.10", "10.0.0.10", "head", "", None, "head.example.org", "fd00::1"]) == [
+        "IP:10.0.0.10", "DNS:head", "DNS:head.example.org", "IP:fd00::1"]

@@ -335,8 +335,24 @@ def rayrack_is_loopback(host: str) -> bool:
     return str(host) in LOOPBACK
 
 
+def rayrack_cert_sans(names: Iterable[Any]) -> list[str]:
+    """A certificate's subjectAltName entries for a node's addresses and names: IP:... or DNS:..., each once."""
+    sans: list[str] = []
+    for name in names:
+        if not name:
+            continue
+        try:
+            entry = f"IP:{ipaddress.ip_address(str(name))}"
+        except ValueError:
+            entry = f"DNS:{name}"
+        if entry not in sans:
+            sans.append(entry)
+    return sans
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {"rayrack_inventory_errors": rayrack_inventory_errors, "rayrack_node_addresses": rayrack_node_addresses,
                 "rayrack_is_loopback": rayrack_is_loopback,
-                "rayrack_alive_node_ips": rayrack_alive_node_ips, "rayrack_gpu_workers": rayrack_gpu_workers}
+                "rayrack_alive_node_ips": rayrack_alive_node_ips, "rayrack_gpu_workers": rayrack_gpu_workers,
+                "rayrack_cert_sans": rayrack_cert_sans}
