@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "rayrack_prefix": "/opt/rayrack",
     "rayrack_ray_dashboard_port": 8265,
     "rayrack_agent_port": 9489,
+    "rayrack_gateway_port": 8443,
 }
 
 
