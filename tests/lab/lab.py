@@ -329,6 +329,9 @@ chown {ADMIN_USER}: /home/{ADMIN_USER}/.ssh/authorized_keys && chmod 0600 /home/
 echo '{ADMIN_USER} ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/90-{ADMIN_USER}
 chmod 0440 /etc/sudoers.d/90-{ADMIN_USER}
 systemctl is-active --quiet ssh || systemctl start ssh
+# systemd on a host makes / a shared mount at boot; podman leaves it private, and then no unit's LoadCredential=
+# reaches it (the credentials mount is made in a child namespace and never propagates back).
+mount --make-rshared /
 cat /etc/ssh/ssh_host_ed25519_key.pub
 """
     out = podman("exec", "-i", node.container, "bash", "-s", input_text=script, capture=True).stdout

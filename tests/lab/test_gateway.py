@@ -30,7 +30,8 @@ LAB_NAME = os.environ.get("RAYRACK_LAB", "molecule")
 LAB = labtool.load(LAB_NAME)
 RAY = "/opt/rayrack/venv/bin/ray"
 PYTHON = "/opt/rayrack/venv/bin/python"
-CA = "/etc/rayrack/ca.crt"
+# As the admin hands it out: the cluster CA from the controller (the nodes' copy is root's and Ray's alone).
+CA = "~/.rayrack/ca.crt"
 USERS = ("alice", "bob", "ops")
 URL = f"https://{LAB.nodes[0].ip}:8443" if LAB else ""
 # Ticks until stopped: long enough for every step below, short enough to end by itself if a step fails.
@@ -87,12 +88,15 @@ def rayrack(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300, check=False)
 
 
-def install_token(user: str) -> None:
-    token = (LAB.inventory_dir / ".secrets" / "users" / f"{user}.token").read_text()
-    # Through stdin: a token never appears in a command line.
-    result = on("worker1", f"sudo -u {user} -H bash -c 'umask 077; mkdir -p ~/.rayrack; cat > ~/.rayrack/token'",
-                input_text=token)
+def install(user: str, name: str, text: str) -> None:
+    """~USER/.rayrack/NAME on worker1, written through stdin: a token never appears in a command line."""
+    result = on("worker1", f"sudo -u {user} -H bash -c 'umask 077; mkdir -p ~/.rayrack; cat > ~/.rayrack/{name}'",
+                input_text=text)
     assert result.returncode == 0, result.stderr
+
+
+def install_token(user: str) -> None:
+    install(user, "token", (LAB.inventory_dir / ".secrets" / "users" / f"{user}.token").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +107,7 @@ def researchers():
         created = on("worker1", f"sh -c 'id -u {user} >/dev/null 2>&1 || sudo useradd --create-home {user}'")
         assert created.returncode == 0, created.stderr
         install_token(user)
+        install(user, "ca.crt", (LAB.inventory_dir / ".secrets" / "ca" / "ca.crt").read_text())
     job_dir = "~/job"
     made = as_user("alice", f"mkdir -p {job_dir} && cat > {job_dir}/ticks.py << 'EOF'\n{JOB}EOF")
     assert made.returncode == 0, made.stderr
