@@ -1,0 +1,80 @@
+"""The cluster CA and a node certificate (rayrack tasks/ca.yml and node_cert.yml), run by Ansible on this machine:
+made once, unchanged by a re-run, renewed when close to expiry, and the certificate verifies against the CA."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+REPO = Path(__file__).resolve().parents[2]
+ROLES = REPO / "roles"
+pytestmark = pytest.mark.slow
+
+PLAY = """
+- hosts: head
+  gather_facts: false
+  tasks:
+    - ansible.builtin.include_role:
+        name: rayrack
+        tasks_from: ca
+    - ansible.builtin.include_role:
+        name: rayrack
+        tasks_from: node_cert
+      vars:
+        rayrack_cert_name: gateway
+"""
+
+
+def converge(tmp_path: Path, **extra: object) -> int:
+    """Run the play; the number of changed tasks."""
+    inventory = {"all": {"children": {"ray_head": {"hosts": {"head": {
+        "ansible_host": "127.0.0.1", "ansible_connection": "local",
+        "ansible_python_interpreter": str(REPO / ".venv" / "bin" / "python")}}}}}}
+    (tmp_path / "hosts.json").write_text(json.dumps(inventory))
+    (tmp_path / "play.yml").write_text(PLAY)
+    settings = {"rayrack_config_dir": str(tmp_path / "etc"), "rayrack_secrets_dir": str(tmp_path / "secrets"), **extra}
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_ROLES_PATH": str(ROLES),
+           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_FORCE_COLOR": "0"}
+    (tmp_path / "etc").mkdir(exist_ok=True)
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(tmp_path / "hosts.json"),
+         str(tmp_path / "play.yml"), "-e", json.dumps(settings)],
+        cwd=REPO, capture_output=True, text=True, check=False, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    return int(re.search(r"head\s*:.*changed=(\d+)", result.stdout).group(1))
+
+
+def cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_made_once_verified_by_the_ca_and_renewed_near_expiry(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the tasks install root-owned files")
+    assert converge(tmp_path) > 0
+    ca_file, node_file = tmp_path / "etc" / "ca.crt", tmp_path / "etc" / "tls" / "gateway.crt"
+    assert ca_file.read_bytes() == (tmp_path / "secrets" / "ca" / "ca.crt").read_bytes()
+    assert oct((tmp_path / "secrets" / "ca" / "ca.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "etc" / "tls" / "gateway.key").stat().st_mode & 0o777) == "0o600"
+    ca, first = cert(ca_file), cert(node_file)
+    first.verify_directly_issued_by(ca)
+    sans = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "127.0.0.1" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    assert "head" in sans.get_values_for_type(x509.DNSName)
+
+    assert converge(tmp_path) == 0
+    assert cert(node_file).serial_number == first.serial_number
+
+    # Within the renewal windows (here: always), a normal converge replaces both; the CA keeps its key, so what
+    # it signed before stays valid.
+    assert converge(tmp_path, _rayrack_cert_renew_before="+400d", _rayrack_ca_renew_before="+3700d") > 0
+    renewed, new_ca = cert(node_file), cert(ca_file)
+    assert renewed.serial_number != first.serial_number and new_ca.serial_number != ca.serial_number
+    renewed.verify_directly_issued_by(new_ca)
+    first.verify_directly_issued_by(new_ca)
