@@ -171,8 +171,14 @@ def test_owners_admins_and_a_revoked_token():
 @pytest.mark.usefixtures("researchers")
 def test_a_user_token_opens_neither_ray_client_nor_the_gcs():
     head = LAB.nodes[0].ip
-    client = as_user("alice", f"{PYTHON} -c " + shlex.quote(
-        f"import ray; ray.init('ray://{head}:10001'); print('CONNECTED')"), timeout=60)
+    # One connection attempt (Ray Client's default retries for half a minute); the cluster token, as the control,
+    # connects with the same probe.
+    probe = shlex.quote(f"from ray.util.client.worker import Worker; Worker('{head}:10001', connection_retries=1); "
+                        "print('CONNECTED')")
+    client = as_user("alice", f"{PYTHON} -c {probe}", timeout=60)
     assert "CONNECTED" not in client.stdout and client.returncode != 0, plain(client)[-2000:]
+    cluster_token = "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/etc/rayrack/ray_token"
+    control = on("worker1", f"sudo env {cluster_token} {PYTHON} -c {probe}")
+    assert "CONNECTED" in control.stdout, plain(control)[-2000:]
     gcs = as_user("alice", f"{RAY} status --address {head}:6379", timeout=60)
-    assert gcs.returncode != 0 and "Node status" not in gcs.stdout, plain(gcs)[-2000:]
+    assert gcs.returncode != 0 and "InvalidAuthToken" in plain(gcs), plain(gcs)[-2000:]
