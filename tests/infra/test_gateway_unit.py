@@ -59,7 +59,7 @@ def test_secrets_are_credentials_of_a_dynamic_user(unit):
     assert re.findall(r"^LoadCredential=(.*)$", text, re.M) == [
         "gateway.yml:/etc/rayrack/gateway.yml", "tls.key:/etc/rayrack/tls/gateway.key",
         "tls.crt:/etc/rayrack/tls/gateway.crt",
-        "users.json:/etc/rayrack/gateway-users.json", "cluster.token:/etc/rayrack/gateway-cluster.token"]
+        "users.json:/etc/rayrack/gateway-users.json", "cluster.token:/etc/rayrack/ray_token"]
     assert "--config.file /run/credentials/rayrack-gateway.service/gateway.yml" in text
     assert "Restart=always" in text and "RestartSec=1" in text
 
