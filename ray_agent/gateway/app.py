@@ -315,31 +315,29 @@ def _summary(job: dict[str, Any]) -> dict[str, Any]:
 async def _relay(upstream: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse) -> None:
     """Copy messages both ways until one side closes, then close the other with the same code."""
 
-    async def down() -> None:
-        async for msg in upstream:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                await client.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                await client.send_bytes(msg.data)
-        await client.close(code=upstream.close_code or aiohttp.WSCloseCode.OK)
-
     async def up() -> None:
         async for msg in client:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 await upstream.send_str(msg.data)
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 await upstream.send_bytes(msg.data)
-        await upstream.close()
+        await upstream.close()  # the client left: this ends the loop below
 
-    tasks = [asyncio.ensure_future(down()), asyncio.ensure_future(up())]
+    upward = asyncio.ensure_future(up())
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        async for msg in upstream:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await client.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await client.send_bytes(msg.data)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if not client.closed:
-            await client.close()
+        # No reader may be waiting on the client when it is closed: close() then waits for the client's own
+        # close frame. Otherwise the TLS connection ends at once, and the client's answer fails on a closing
+        # transport, which Ray's SDK reports as an abnormal closure (1006) of a job that finished well.
+        upward.cancel()
+        await asyncio.gather(upward, return_exceptions=True)
+    if not client.closed:
+        await client.close(code=upstream.close_code or aiohttp.WSCloseCode.OK)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
