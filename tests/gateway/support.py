@@ -370,6 +370,11 @@ class Gateway:
         self.process = None
         return code
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
     def rss_bytes(self) -> int:
         assert self.process is not None
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
