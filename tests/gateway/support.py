@@ -414,12 +414,20 @@ def run_sdk(head: RayHead, gateway: Gateway, account: Account, code: str, timeou
     return json.loads(lines[-1][len("RESULT=") :])
 
 
-def ray_job_cli(
-    head: RayHead, gateway: Gateway, account: Account, *args: str, timeout: float = 120, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """The stock `ray job ...` command line against the gateway, as `account`, verifying with the CA."""
+def ray_job_cli(head: RayHead, gateway: Gateway, account: Account, *args: str, timeout: float = 120,
+                ca_from_env: bool = False) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """The stock `ray job ...` command line against the gateway, as `account`, trusting the CA.
+
+    The CA is given with `--verify CA`, or (`ca_from_env`) the way that needs no flag: REQUESTS_CA_BUNDLE for
+    the HTTP calls (requests) and SSL_CERT_FILE for the log tail's websocket (aiohttp's default context).
+    """
     assert gateway.pki is not None
     command, *rest = args
-    argv = [str(BIN / "ray"), "job", command, "--address", gateway.url, "--verify", str(gateway.pki.ca_cert), *rest]
-    return subprocess.run(argv, env=client_env(head, account), capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd)  # fmt: skip
+    env = client_env(head, account)
+    if ca_from_env:
+        env.update(REQUESTS_CA_BUNDLE=str(gateway.pki.ca_cert), SSL_CERT_FILE=str(gateway.pki.ca_cert))
+        verify: list[str] = []
+    else:
+        verify = ["--verify", str(gateway.pki.ca_cert)]
+    argv = [str(BIN / "ray"), "job", command, "--address", gateway.url, *verify, *rest]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)

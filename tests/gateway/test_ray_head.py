@@ -6,17 +6,22 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import requests
 
 from gateway.support import Account, Gateway, RayHead, free_ports, ray_job_cli, run_sdk, write_users
+
+if TYPE_CHECKING:
+    import requests
 
 pytestmark = pytest.mark.slow
 
 
 def call(gateway: Gateway, method: str, path: str, account: Account | None = None, **kwargs: object
          ) -> requests.Response:  # fmt: skip
+    import requests  # with Ray (its dependency): this module's fixtures skip or fail without it
+
     assert gateway.pki is not None
     headers = dict(kwargs.pop("headers", {}) or {})  # type: ignore[call-overload]
     if account is not None:
@@ -26,6 +31,8 @@ def call(gateway: Gateway, method: str, path: str, account: Account | None = Non
 
 
 def job(head: RayHead, submission_id: str) -> dict:
+    import requests
+
     r = requests.get(f"{head.dashboard_url}/api/jobs/{submission_id}",
                      headers={"Authorization": f"Bearer {head.token}"}, timeout=10)  # fmt: skip
     r.raise_for_status()
@@ -116,10 +123,10 @@ def test_stock_cli_submit_with_working_dir_follow_list(
     output = submit.stdout + submit.stderr
     assert "hello from the working dir" in output
     assert "Job 'alice-wd' succeeded" in output
-    follow = ray_job_cli(ray_head, gateway, alice, "logs", "--follow", "alice-wd")
+    follow = ray_job_cli(ray_head, gateway, alice, "logs", "--follow", "alice-wd", ca_from_env=True)
     assert follow.returncode == 0, follow.stderr
     assert "hello from the working dir" in follow.stdout
-    listing = ray_job_cli(ray_head, gateway, alice, "list")
+    listing = ray_job_cli(ray_head, gateway, alice, "list", ca_from_env=True)
     assert listing.returncode == 0, listing.stderr
     assert "alice-wd" in listing.stdout
     assert re.search(r"user=alice method=PUT path=/api/packages/gcs/_ray_pkg_\w+\.zip status=200", gateway.log())
@@ -188,6 +195,8 @@ def test_rayrack_jobs_for_users_and_the_cluster_token(gateway: Gateway, ray_head
                               "entrypoint_num_gpus"}  # fmt: skip
         assert entry["user"] == "alice"
     # A job that did not come through the gateway has no owner.
+    import requests
+
     r = requests.post(f"{ray_head.dashboard_url}/api/jobs/", json={"entrypoint": "true", "submission_id": "direct"},
                       headers={"Authorization": f"Bearer {ray_head.token}"}, timeout=30)  # fmt: skip
     assert r.status_code == 200
@@ -214,6 +223,8 @@ def test_the_log_has_a_line_per_request_and_no_token(gateway: Gateway, ray_head:
 
 def test_a_gateway_without_users_refuses_everything(ray_head: RayHead, tmp_path: Path,
                                                     accounts: dict[str, Account]) -> None:  # fmt: skip
+    import requests
+
     users = write_users(tmp_path / "users.json", [])
     gw = Gateway(tmp_path, ray_head.dashboard_url, users, ray_head.token_file)
     gw.start()

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import aiohttp
 import pytest
-import requests
-from aiohttp import web
+import required
 
 from gateway.support import Gateway, free_ports, make_accounts, write_secret, write_users
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
 pytestmark = pytest.mark.slow
+
+
+def need_aiohttp() -> None:
+    # aiohttp and requests come with Ray, as on the head; this module needs no Ray head itself.
+    for name in ("aiohttp", "requests"):
+        if importlib.util.find_spec(name) is None:
+            required.missing(f"{name} is not importable (pip install 'ray[default]==2.60.0')")
+
 
 CLUSTER_TOKEN = "c" * 64
 
@@ -31,6 +42,8 @@ class Recorder:
         self.thread = threading.Thread(target=self._serve, daemon=True)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
         body = await request.read()
         self.seen.append((request.method, request.path, dict(request.headers), body))
         if request.path.endswith("/logs/tail"):
@@ -52,6 +65,8 @@ class Recorder:
         return response
 
     def _serve(self) -> None:
+        from aiohttp import web
+
         asyncio.set_event_loop(self.loop)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -74,6 +89,7 @@ class Recorder:
 
 @pytest.fixture
 def recorded(tmp_path: Path) -> Iterator[tuple[Recorder, Gateway, str]]:
+    need_aiohttp()
     accounts = make_accounts(tmp_path / "tokens", [("alice", False, None)])
     users = write_users(tmp_path / "users.json", accounts.values())
     with Recorder() as recorder:
@@ -87,6 +103,9 @@ def recorded(tmp_path: Path) -> Iterator[tuple[Recorder, Gateway, str]]:
 
 
 def test_upstream_sees_the_cluster_token_only(recorded: tuple[Recorder, Gateway, str]) -> None:
+    import aiohttp
+    import requests
+
     recorder, gw, token = recorded
     sent = {
         "Authorization": f"Bearer {token}",
@@ -126,6 +145,9 @@ def test_upstream_sees_the_cluster_token_only(recorded: tuple[Recorder, Gateway,
 
 
 def test_without_a_ray_token_nothing_is_sent(tmp_path: Path) -> None:
+    need_aiohttp()
+    import requests
+
     accounts = make_accounts(tmp_path / "tokens", [("alice", False, None)])
     with Recorder() as recorder:
         gw = Gateway(tmp_path, f"http://127.0.0.1:{recorder.port}", write_users(tmp_path / "u.json",
