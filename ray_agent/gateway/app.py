@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -121,6 +122,18 @@ def _owner(job: Any) -> str:
     return owner if isinstance(owner, str) and owner else UNKNOWN_OWNER
 
 
+def upstream_path(request: web.Request) -> str:
+    """The path asked of Ray: the route's pattern with each part quoted whole, query kept.
+
+    Built, not copied, so the job whose owner was checked is the job acted on: an id holding an encoded "/"
+    or ".." cannot name one job to the check and another to Ray.
+    """
+    parts = {key: quote(value, safe="") for key, value in request.match_info.items()}
+    path = request.match_info.route.resource.canonical.format(**parts)  # type: ignore[union-attr]
+    query = request.rel_url.raw_query_string
+    return f"{path}?{query}" if query else path
+
+
 def new_submission_id(user: str) -> str:
     """`<user>-raysubmit_<16 alnum>`, the shape of Ray's own ids with the owner in front."""
     return f"{user}-raysubmit_" + "".join(secrets.choice(_SUBMISSION_ALPHABET) for _ in range(16))
@@ -154,7 +167,7 @@ class Gateway:
         """Send the request to Ray as it came (path, query, method, body) and stream the answer back."""
         session = self.upstream.session
         assert session is not None
-        url = self.upstream.url + request.rel_url.raw_path_qs
+        url = self.upstream.url + upstream_path(request)
         headers = self.upstream.headers(request, extra)
         async with session.request(request.method, url, headers=headers, data=body) as resp:
             response_headers = {
@@ -175,7 +188,7 @@ class Gateway:
 
     async def job_and_owner(self, job_id: str) -> tuple[web.Response | None, str]:
         """The owner of a job, or Ray's own answer (404 and the like) to relay when it cannot be read."""
-        status, job, raw = await self.upstream.get_json(f"/api/jobs/{job_id}")
+        status, job, raw = await self.upstream.get_json(f"/api/jobs/{quote(job_id, safe='')}")
         if job is None:
             return web.Response(status=status, body=raw), UNKNOWN_OWNER
         return None, _owner(job)
@@ -259,7 +272,7 @@ class Gateway:
             return refused
         session = self.upstream.session
         assert session is not None
-        url = self.upstream.url + request.rel_url.raw_path_qs
+        url = self.upstream.url + upstream_path(request)
         try:
             upstream_ws = await session.ws_connect(
                 url,
@@ -377,6 +390,8 @@ def build_app(users: Users, upstream: Upstream) -> web.Application:
             caller = gateway.authenticate(request, allow_cluster)
             if caller is None:
                 return _unauthorized()
+            if any(value in (".", "..") for value in request.match_info.values()):
+                return _json(404, {"error": "not found"})  # a dot segment would climb out of the route
             request[_CALLER] = caller
             return await handler(request)
 
