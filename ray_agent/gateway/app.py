@@ -1,6 +1,6 @@
 """The aiohttp application: authenticate, apply the ownership rules, forward to Ray's Jobs API.
 
-What reaches Ray is built from scratch for every request (`_upstream_headers`): a short list of content
+What reaches Ray is built from scratch for every request (`Upstream.headers`): a short list of content
 headers copied from the client, plus the cluster token. The client's Authorization, X-Ray-Authorization and
 cookies are never among them, so a user token cannot reach Ray, and Ray's answers never set cookies here
 (the upstream session keeps none).
