@@ -133,6 +133,7 @@ async def measure(direct: Route, gateway: Route, gateway_pid: int) -> None:
     ratio = percentile(lists["gateway"], 0.99) / percentile(lists["direct"], 0.99)
     report("GET /api/jobs/ gateway/direct", f"p50 {ratio_p50:.2f}x, p99 {ratio:.2f}x", f"p99 <= {GOAL_RATIO}x",
            ratio <= GOAL_RATIO)  # fmt: skip
+    await round_trips([direct, gateway], 1)  # the cluster's first job starts its job agent: not a path's cost
     trips = await round_trips([direct, gateway], ROUND_TRIPS)
     for name, values in trips.items():
         print(f"      submit+status x{ROUND_TRIPS}, {name}: {describe(values)}")
