@@ -95,8 +95,30 @@ STATE = {
 }
 
 
+# The Jobs API's list: one job submitted through the gateway (its owner in the metadata), one not.
+JOBS = [
+    {
+        "type": "SUBMISSION",
+        "job_id": "02000000",
+        "submission_id": "alice-raysubmit_aaaa",
+        "status": "RUNNING",
+        "entrypoint": "python train.py",
+        "metadata": {"rayrack.user": "alice", "job_submission_id": "alice-raysubmit_aaaa"},
+    },
+    {
+        "type": "SUBMISSION",
+        "job_id": "03000000",
+        "submission_id": "raysubmit_direct",
+        "status": "RUNNING",
+        "entrypoint": "python prep.py",
+        "metadata": {},
+    },
+]
+
+
 class RayDashboard:
-    """Serves /api/v0/{nodes,actors,tasks} with Ray's envelope and filter semantics; may require a token."""
+    """Serves /api/v0/{nodes,actors,tasks} with Ray's envelope and filter semantics, the Jobs API's list
+    (/api/jobs/) and the gateway's (/api/rayrack/jobs); may require a token."""
 
     def __init__(self, token: str | None = None) -> None:
         self.token = token
@@ -116,6 +138,24 @@ class RayDashboard:
                     dashboard.slow_release.wait(10)
                 if dashboard.token and self.headers.get("Authorization") != f"Bearer {dashboard.token}":
                     self.reply(401, {"result": False, "msg": "Unauthorized", "data": {}})
+                    return
+                if parts.path == "/api/jobs/":
+                    self.reply(200, JOBS)
+                    return
+                if parts.path == "/api/rayrack/jobs":
+                    rows = [
+                        {
+                            "job_id": j["job_id"],
+                            "submission_id": j["submission_id"],
+                            "user": j["metadata"].get("rayrack.user", "unknown"),
+                            "status": j["status"],
+                            "start_time": None,
+                            "end_time": None,
+                            "entrypoint_num_gpus": None,
+                        }
+                        for j in JOBS
+                    ]
+                    self.reply(200, {"jobs": rows})
                     return
                 resource = parts.path.removeprefix("/api/v0/")
                 if resource not in STATE:
@@ -142,7 +182,7 @@ class RayDashboard:
                 }
                 self.reply(200, {"result": True, "msg": "", "data": {"result": result}})
 
-            def reply(self, status: int, body: dict) -> None:
+            def reply(self, status: int, body: object) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -203,10 +243,14 @@ def test_refresh_maps_pids_on_this_node_with_the_token(dashboard: RayDashboard, 
     attribution = attribution_for(dashboard, token_file, proc_path=PROC_FIXTURE)
     status = attribution.refresh()
     assert status.success, status.error
-    assert attribution.ray_identity(1001) == RayIdentity("02000000", "Trainer", "Trainer.fit")
-    assert attribution.ray_identity(1002) == RayIdentity("03000000", "", "preprocess")
+    # The owner and submission id come from the job list: alice's job went through the gateway, 03000000 not.
+    assert attribution.ray_identity(1001) == RayIdentity(
+        "02000000", "Trainer", "Trainer.fit", "alice-raysubmit_aaaa", "alice"
+    )
+    assert attribution.ray_identity(1002) == RayIdentity("03000000", "", "preprocess", "raysubmit_direct", "unknown")
     assert attribution.ray_identity(1003) is None  # dead actor, finished task
-    nodes_request = dashboard.requests[0]
+    assert dashboard.requests[0] == "/api/jobs/"  # no gateway configured: the owners from the Jobs API
+    nodes_request = dashboard.requests[1]
     assert nodes_request.startswith("/api/v0/nodes?") and "filter_values=127.0.0.1" in nodes_request
     assert any(r.startswith("/api/v0/tasks?") and "filter_values=RUNNING" in r for r in dashboard.requests)
 
@@ -280,8 +324,15 @@ def test_labels_reach_the_snapshot_and_users_come_from_proc(
         "Trainer",
         "Trainer.fit",
     )
-    assert by_pid[1001].user == "alice"
-    assert by_pid[own_pid].user == pwd.getpwuid(os.getuid()).pw_name
+    # 1001's Linux user is alice (the scenario says so) and so is its job's owner in the job list.
+    assert (by_pid[1001].user, by_pid[1001].os_user, by_pid[1001].submission_id) == (
+        "alice",
+        "alice",
+        "alice-raysubmit_aaaa",
+    )
+    # A Ray task of a job the list does not know: owner unknown; the Linux user from /proc.
+    assert by_pid[own_pid].user == "unknown"
+    assert by_pid[own_pid].os_user == pwd.getpwuid(os.getuid()).pw_name
     assert by_pid[own_pid].ray_task == "me"
     assert snapshot.collectors["attribution"].success
 
@@ -323,7 +374,7 @@ def test_a_child_of_a_ray_worker_belongs_to_its_job(dashboard: RayDashboard, tok
     proc = fake_proc(tmp_path, {5000: 1001, 5001: 5000, 6000: 1, 1001: 900, 900: 1})
     attribution = attribution_for(dashboard, token_file, proc_path=proc)
     assert attribution.refresh().success
-    trainer = RayIdentity("02000000", "Trainer", "Trainer.fit")
+    trainer = RayIdentity("02000000", "Trainer", "Trainer.fit", "alice-raysubmit_aaaa", "alice")
     assert attribution.ray_identity(5000) == trainer
     assert attribution.ray_identity(5001) == trainer
     assert attribution.ray_identity(6000) is None
