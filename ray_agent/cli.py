@@ -323,7 +323,8 @@ def render_check(snapshot: Snapshot, attribution_enabled: bool, out: TextIO) -> 
     elif attribution is None:
         out.write("Attribution  no answer yet\n")
     else:
-        out.write(f"Attribution  {'ok' if attribution.success else 'incomplete (the job list or state API did not answer)'}\n")
+        answer = "ok" if attribution.success else "incomplete (the job list or state API did not answer)"
+        out.write(f"Attribution  {answer}\n")
     return ok
 
 

@@ -62,7 +62,7 @@ Example (every key optional)::
       allow_job_patterns: []            # matched against submission id, job id, entrypoint, metadata name
       allow_processes: []               # matched against the process name (comm) and argv[0]'s base name
       opt_out_metadata_key: rayrack.idle_guard   # job metadata {key: "off"} opts a job out
-      notice_template: null             # the notice's wording, str.format fields (ray_agent.guard.actions.NOTICE_FIELDS)
+      notice_template: null             # the notice's wording, str.format fields (ray_agent.guard.notice)
       audit_log: /var/lib/ray-agent/guard-audit.jsonl
       state_file: /var/lib/ray-agent/guard-state.json
 """

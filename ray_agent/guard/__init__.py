@@ -20,9 +20,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ray_agent.attribution import RayStateClient
 from ray_agent.clock import Clock, SystemClock
 from ray_agent.config import AttributionConfig, GuardConfig
-from ray_agent.attribution import RayStateClient
 from ray_agent.guard.actions import ActionRunner, Webhook
 from ray_agent.guard.audit import AuditLog
 from ray_agent.guard.tracker import Escalation, GpuTrack, StateFile, Tracker
@@ -70,7 +70,9 @@ class Guard:
         self._latest = self._build_snapshot()
 
         jobs = (
-            RayStateClient(attribution.dashboard_url, attribution.token_file, config.request_timeout, attribution.ca_file)
+            RayStateClient(
+                attribution.dashboard_url, attribution.token_file, config.request_timeout, attribution.ca_file
+            )
             if attribution.enabled and attribution.state_api
             else None
         )

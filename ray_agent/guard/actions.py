@@ -420,7 +420,7 @@ class ActionRunner:
         if not holder.ray_job_id:
             return SKIPPED, "process is not attributed to a Ray job"
         if self.jobs_client is None:
-            return SKIPPED, "the Jobs API is not reachable from this node (attribution off, or attribution.state_api false)"
+            return SKIPPED, "the Jobs API is not reachable from this node (attribution off or state_api false)"
         if context.jobs_error:
             return FAILED, f"Jobs API unavailable, cannot check the job's opt-out: {context.jobs_error}"
         job = context.jobs.get(holder.ray_job_id)

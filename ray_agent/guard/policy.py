@@ -3,8 +3,8 @@
 The checks run per holding process, in this order, and the first that applies decides the outcome:
 
 1. ``allow_listed``: the process's user, name, or Ray job matches an allow list (fnmatch patterns).
-   The Linux user or the job's owner matches ``allow_users``; the process name (``comm``) or the base name of ``argv[0]`` match
-   ``allow_processes``; the job's submission id, job id, entrypoint, or ``metadata["name"]`` match
+   The Linux user or the job's owner matches ``allow_users``; the process name (``comm``) or the base name of
+   ``argv[0]`` match ``allow_processes``; the job's submission id, job id, entrypoint, or ``metadata["name"]`` match
    ``allow_job_patterns``.
 2. ``opted_out``: the job's metadata has ``opt_out_metadata_key`` set to off/false/no/disabled
    (``ray job submit --metadata-json '{"rayrack.idle_guard": "off"}'``).

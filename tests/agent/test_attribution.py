@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import ssl
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -389,3 +393,131 @@ def test_ancestor_walk_is_bounded(dashboard: RayDashboard, token_file: Path, tmp
     assert attribution.refresh().success
     assert attribution.ray_identity(7019) is not None  # two levels up
     assert attribution.ray_identity(7000) is None  # twenty levels up: not a child of that worker any more
+
+
+# --- the job from the process's own environment ---------------------------------------------------
+
+
+def ray_process(env: dict[str, str], children: int = 0) -> subprocess.Popen:
+    """A real sleeping process with Ray's variables in its environment, and `children` levels of children."""
+    code = "import time; time.sleep(60)"
+    for _ in range(children):
+        code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env})
+
+
+def descendant(pid: int, depth: int, timeout: float = 10.0) -> int:
+    """The pid `depth` generations below `pid`, once it exists."""
+    deadline = time.monotonic() + timeout
+    current = pid
+    for _ in range(depth):
+        while True:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            if children:
+                current = int(children[0])
+                break
+            assert time.monotonic() < deadline, f"pid {current} started no child"
+            time.sleep(0.02)
+    return current
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen]]:
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def local_only(dashboard_url: str = "http://127.0.0.1:9", gateway_url: str | None = None) -> AttributionConfig:
+    return AttributionConfig(
+        enabled=True, dashboard_url=dashboard_url, state_api=False, gateway_url=gateway_url, request_timeout=2.0
+    )
+
+
+def test_a_ray_workers_job_comes_from_its_environment_without_any_dashboard(
+    processes: list[subprocess.Popen],
+) -> None:
+    worker = ray_process({"RAY_JOB_ID": "02000000"}, children=1)
+    idle_worker = ray_process({"RAY_JOB_ID": "ffffffff"})  # a prestarted worker not leased to a job
+    processes += [worker, idle_worker]
+    attribution = Attribution(local_only(), node_ip=NODE_IP)
+    assert attribution.refresh().success  # nothing remote is configured, so nothing can fail
+    child = descendant(worker.pid, 1)
+    # No job list here: the job is known, its owner is not.
+    assert attribution.ray_identity(worker.pid) == RayIdentity("02000000", user="unknown")
+    assert attribution.ray_identity(child) == RayIdentity("02000000", user="unknown")
+    assert attribution.ray_identity(idle_worker.pid) is None
+    assert attribution.ray_identity(os.getpid()) is None
+
+
+def driver_env(submission_id: str, metadata: dict[str, str]) -> dict[str, str]:
+    """What Ray's job supervisor gives a submitted job's entrypoint (it removes RAY_JOB_ID)."""
+    config = {"runtime_env": {}, "metadata": {"job_submission_id": submission_id, "job_name": submission_id, **metadata}}
+    return {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(config), "RAY_JOB_ID": ""}
+
+
+def test_a_submitted_jobs_driver_is_known_by_its_submission_id(
+    dashboard: RayDashboard, token_file: Path, processes: list[subprocess.Popen]
+) -> None:
+    driver = ray_process(driver_env("alice-raysubmit_aaaa", {"rayrack.user": "alice"}), children=1)
+    processes.append(driver)
+    attribution = attribution_for(dashboard, token_file, proc_path=Path("/proc"))
+    assert attribution.refresh().success
+    # The job id comes from the job list, where the submission id is.
+    expected = RayIdentity("02000000", submission_id="alice-raysubmit_aaaa", user="alice")
+    assert attribution.ray_identity(driver.pid) == expected
+    assert attribution.ray_identity(descendant(driver.pid, 1)) == expected
+    # Without any job list the driver still says who submitted it, through the gateway's metadata.
+    offline = Attribution(local_only(), node_ip=NODE_IP)
+    assert offline.ray_identity(driver.pid) == RayIdentity(submission_id="alice-raysubmit_aaaa", user="alice")
+
+
+def gateway(pki: Path, token: str) -> ThreadingHTTPServer:
+    """A TLS server with the gateway's job list route, its certificate signed by the test CA."""
+    server = RayDashboard(token=token)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki / "server.crt", pki / "server.key")
+    server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
+    server.url = server.url.replace("http:", "https:")
+    return server
+
+
+def test_owners_come_from_the_gateway_over_verified_tls(
+    pki: Path, token_file: Path, processes: list[subprocess.Popen], tmp_path: Path
+) -> None:
+    server = gateway(pki, TOKEN)
+    try:
+        worker = ray_process({"RAY_JOB_ID": "02000000"})
+        processes.append(worker)
+        attribution = Attribution(
+            AttributionConfig(
+                enabled=True,
+                state_api=False,
+                gateway_url=server.url,
+                token_file=token_file,
+                ca_file=pki / "ca.crt",
+                request_timeout=2.0,
+            ),
+            node_ip=NODE_IP,
+        )
+        status = attribution.refresh()
+        assert status.success, status.error
+        assert server.requests == ["/api/rayrack/jobs"]
+        assert attribution.ray_identity(worker.pid) == RayIdentity(
+            "02000000", submission_id="alice-raysubmit_aaaa", user="alice"
+        )
+        # A certificate the configured CA did not sign is refused, and said so.
+        (tmp_path / "other.crt").write_text((pki / "client.crt").read_text())
+        untrusted = Attribution(
+            AttributionConfig(
+                enabled=True, state_api=False, gateway_url=server.url, token_file=token_file,
+                ca_file=tmp_path / "other.crt", request_timeout=2.0,
+            ),
+            node_ip=NODE_IP,
+        )
+        status = untrusted.refresh()
+        assert not status.success and "CERTIFICATE_VERIFY_FAILED" in status.error
+    finally:
+        server.close()
