@@ -454,7 +454,8 @@ def test_a_ray_workers_job_comes_from_its_environment_without_any_dashboard(
 
 def driver_env(submission_id: str, metadata: dict[str, str]) -> dict[str, str]:
     """What Ray's job supervisor gives a submitted job's entrypoint (it removes RAY_JOB_ID)."""
-    config = {"runtime_env": {}, "metadata": {"job_submission_id": submission_id, "job_name": submission_id, **metadata}}
+    metadata = {"job_submission_id": submission_id, "job_name": submission_id, **metadata}
+    config = {"runtime_env": {}, "metadata": metadata}
     return {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(config), "RAY_JOB_ID": ""}
 
 

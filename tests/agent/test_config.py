@@ -10,7 +10,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.support import SCENARIOS
-from ray_agent.users import Contact, parse_contact
 from ray_agent.config import (
     DEFAULT_PORT,
     Config,
@@ -20,6 +19,7 @@ from ray_agent.config import (
     load_config,
     parse_listen_address,
 )
+from ray_agent.users import Contact, parse_contact
 
 
 def test_defaults() -> None:
