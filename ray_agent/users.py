@@ -19,8 +19,9 @@ from dataclasses import dataclass
 OWNER_METADATA_KEY = "rayrack.user"
 UNKNOWN_OWNER = "unknown"
 
-# Slack member ids: U (or W on Enterprise Grid) and upper-case letters and digits.
-_SLACK_MEMBER = re.compile(r"^[UW][A-Z0-9]{6,20}$")
+# Slack member ids: U (or W on Enterprise Grid) and upper-case letters and digits. The inventory check
+# (roles/rayrack/filter_plugins, rayrack_users) uses the same two patterns.
+_SLACK_MEMBER = re.compile(r"^[UW][A-Z0-9]{2,}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
