@@ -26,7 +26,6 @@ KINDS = ("allocated", "busy", "idle_held")
 BY = ("user", "job")
 FORMATS = ("table", "csv", "json")
 _SINCE = re.compile(r"^([1-9][0-9]*)([smhdw])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 # Runs on the monitoring host: each (key, path, params) asked of the local Prometheus, the answers by key.
 PROMETHEUS_QUERIES = r"""
@@ -51,12 +50,6 @@ def parse_since(text: str) -> str:
     if not _SINCE.match(text):
         raise UsageError(f"--since wants a number and one of s, m, h, d, w (e.g. 7d or 12h), got {text!r}")
     return text
-
-
-def since_seconds(since: str) -> int:
-    match = _SINCE.match(since)
-    assert match
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def requests(by: str, since: str, at: float) -> list[tuple[str, str, dict[str, str]]]:
