@@ -136,7 +136,7 @@ def test_formats(prometheus):
 
 
 def test_rules_missing_and_bad_periods():
-    with pytest.raises(UsageError, match="no rule group rayrack.accounting.recording"):
+    with pytest.raises(UsageError, match=r"no rule group rayrack\.accounting\.recording"):
         build_rows("user", {"rules": {"status": "success", "data": {"groups": []}}})
     for text in ("7", "7days", "-1d", "0d"):
         with pytest.raises(UsageError, match="--since"):
