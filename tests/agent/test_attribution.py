@@ -17,11 +17,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
+from prometheus_client.registry import CollectorRegistry
 
-from agent.support import PROC_FIXTURE, fake_sampler
+from agent.support import PROC_FIXTURE, fake_sampler, sample_value
 from ray_agent.attribution import Attribution, RayIdentity, identities_from_state
 from ray_agent.clock import FakeClock
-from ray_agent.config import AttributionConfig
+from ray_agent.config import AttributionConfig, ExporterConfig
+from ray_agent.exporter import SnapshotCollector
 
 NODE_IP = "127.0.0.1"
 NODE_ID = "f" * 56
@@ -337,6 +340,16 @@ def test_labels_reach_the_snapshot_and_users_come_from_proc(
     # A Ray task of a job the list does not know: owner unknown; the Linux user from /proc.
     assert by_pid[own_pid].user == "unknown"
     assert by_pid[own_pid].os_user == pwd.getpwuid(os.getuid()).pw_name
+    # The exposition: both labels on the process, the job's info, and GPU shares by owner.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: snapshot, ExporterConfig(hostname="n"), 60.0, clock))
+    body = generate_latest(registry).decode()
+    assert sample_value(body, "rayrack_gpu_process_memory_used_bytes", pid=str(own_pid), user="unknown",
+                        os_user=pwd.getpwuid(os.getuid()).pw_name, ray_job_id="09000000") == 2 * 2**30
+    assert sample_value(body, "rayrack_job_info", ray_job_id="02000000", submission_id="alice-raysubmit_aaaa",
+                        user="alice") == 1
+    assert sample_value(body, "rayrack_gpu_owner_share", user="unknown", ray_job_id="09000000") == 0.5
+    assert sample_value(body, "rayrack_user_gpus", user="alice") == 1
     assert by_pid[own_pid].ray_task == "me"
     assert snapshot.collectors["attribution"].success
 

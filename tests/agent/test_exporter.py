@@ -91,6 +91,9 @@ def test_golden_content_follows_the_rules() -> None:
     # Two owners share GPU 0: half each, and one GPU in use for each of them.
     assert sample_value(body, "rayrack_gpu_owner_share", gpu="0", user="alice", ray_job_id="") == 0.5
     assert sample_value(body, "rayrack_user_gpus", user="bob") == 1
+    # Limits from the configuration's users: alice has one, bob none.
+    assert sample_value(body, "rayrack_user_max_gpus", user="alice") == 2
+    assert sample_value(body, "rayrack_user_max_gpus", user="bob") is None
     dcgm = (GOLDEN / "dcgm_compat.prom").read_text()
     line = metric_lines(dcgm, "DCGM_FI_DEV_GPU_UTIL")[0]
     for label in (

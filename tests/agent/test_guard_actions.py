@@ -22,8 +22,9 @@ from ray_agent.clock import FakeClock
 from ray_agent.config import AttributionConfig, CollectionConfig, GuardConfig
 from ray_agent.gpu.fake import FakeBackend, parse_scenario
 from ray_agent.guard import Guard
-from ray_agent.guard.actions import ActionError, Webhook, terminate
+from ray_agent.guard.actions import ActionError, ActionRunner, Webhook, terminate
 from ray_agent.guard.audit import FIELDS, read_audit
+from ray_agent.guard.tracker import Escalation, Holder
 from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler
 from ray_agent.users import User, parse_contact
@@ -414,3 +415,34 @@ def test_unreachable_jobs_api_fails_stop_and_kill_but_still_notifies(tmp_path: P
     assert outcome["notify"][0] == "done"
     assert outcome["stop"][0] == "failed" and "HTTP 401 (is the token right?)" in outcome["stop"][1]
     assert outcome["kill"][0] == "failed" and "cannot check the job's opt-out" in outcome["kill"][1]
+
+
+def test_the_notice_follows_the_template_and_names_the_owners_contacts(tmp_path: Path) -> None:
+    receiver = WebhookReceiver()
+    (tmp_path / "hook").write_text(receiver.url)
+    config = guard_config(
+        tmp_path, webhook_url_file=tmp_path / "hook", notice_template="{mentions} GPU {gpu} on {host} idles: {owners}"
+    )
+    records: list[dict] = []
+    users = (User("alice", parse_contact("U0123ABCD")), User("bob", parse_contact("bob@example.org")))
+    runner = ActionRunner(config, None, Webhook(config), records.append, "node-a", users=users)
+    holders = (
+        Holder(4242, "alice", "02000000", os_user="ray", submission_id="alice-raysubmit_x"),
+        Holder(4243, "bob", "03000000", os_user="ray"),
+        Holder(4244, "carol", os_user="carol"),  # no contact known: named, not mentioned
+    )
+    try:
+        runner.handle(Escalation("notify", 0, "GPU-x", holders, idle_seconds=1800.0, taken_at=0.0))
+    finally:
+        receiver.close()
+    message = receiver.messages[0]
+    assert message["text"] == "<@U0123ABCD> bob@example.org GPU 0 on node-a idles: alice, bob, carol"
+    assert message["emails"] == ["bob@example.org"]
+    assert [o["user"] for o in message["owners"]] == ["alice", "bob", "carol"]
+    assert message["holders"][0]["submission_id"] == "alice-raysubmit_x"
+    # The audit log names the owner and the Linux user of every holder.
+    assert [(r["user"], r["os_user"], r["outcome"]) for r in records] == [
+        ("alice", "ray", "done"),
+        ("bob", "ray", "done"),
+        ("carol", "carol", "done"),
+    ]
