@@ -53,6 +53,8 @@ _SUBMISSION_ID_KEY = "job_submission_id"
 _NIL_JOB_ID = "ffffffff"
 # Processes whose environment was read, by (pid, start time): a process's initial environment never changes.
 _ENVIRON_CACHE_SIZE = 4096
+# A job the list does not know yet makes the next refresh come early, but not more often than this.
+_EARLY_REFRESH_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +348,7 @@ class Attribution:
         self._node_id: str | None = None
         self._status: RefreshStatus | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._refreshed = threading.Condition()
         self._refresh_count = 0
         self._thread: threading.Thread | None = None
@@ -362,6 +365,7 @@ class Attribution:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             # The fetch has its own timeout; waiting longer than that would only delay shutdown.
             self._thread.join(self.config.request_timeout * 4)
@@ -369,7 +373,11 @@ class Attribution:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.refresh()
-            self._stop.wait(self.config.ttl)
+            # Early when a collection met a job the list did not have: its owner would be "unknown" until then.
+            woken = self._wake.wait(self.config.ttl)
+            self._wake.clear()
+            if woken:
+                self._stop.wait(_EARLY_REFRESH_SECONDS)
 
     def refresh(self) -> RefreshStatus:
         """Fetch the job list and Ray's view of this node once. Called by the background thread (and tests)."""
@@ -472,6 +480,8 @@ class Attribution:
     def _identity(self, local: _LocalJob, state: RayIdentity | None) -> RayIdentity:
         job_id = local.job_id or (state.job_id if state else "")
         job = self.job(job_id) or self.job(local.submission_id)
+        if job is None and (job_id or local.submission_id) and (self._gateway is not None or self.config.state_api):
+            self._wake.set()
         return RayIdentity(
             job_id=job_id or (job.job_id if job else ""),
             actor=state.actor if state else "",

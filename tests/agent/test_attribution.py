@@ -535,3 +535,25 @@ def test_owners_come_from_the_gateway_over_verified_tls(
         assert not status.success and "CERTIFICATE_VERIFY_FAILED" in status.error
     finally:
         server.close()
+
+
+def test_a_job_the_list_does_not_know_yet_brings_the_next_refresh_forward(
+    dashboard: RayDashboard, token_file: Path, processes: list[subprocess.Popen]
+) -> None:
+    config = AttributionConfig(
+        enabled=True, dashboard_url=dashboard.url, token_file=token_file, state_api=True, ttl=3600.0
+    )
+    attribution = Attribution(config, node_ip=NODE_IP)
+    attribution.start()
+    try:
+        assert attribution.wait_for_refresh(1, timeout=10)
+        JOBS.append(dict(JOBS[0], job_id="0a000000", submission_id="alice-raysubmit_new"))
+        worker = ray_process({"RAY_JOB_ID": "0a000000"})
+        processes.append(worker)
+        assert attribution.ray_identity(worker.pid).user == "unknown"  # not in the list fetched before it started
+        # The hour-long ttl is cut short: the owner is known about a second later.
+        assert attribution.wait_for_refresh(2, timeout=10)
+        assert attribution.ray_identity(worker.pid).user == "alice"
+    finally:
+        JOBS.pop()
+        attribution.stop()
