@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "rayrack_ray_dashboard_port": 8265,
     "rayrack_agent_port": 9489,
     "prometheus_listen_address": "127.0.0.1:9090",
+    "rayrack_gateway_port": 8443,
 }
 
 
