@@ -30,10 +30,12 @@ OWNER_KEY = "rayrack.user"
 UNKNOWN_OWNER = "unknown"
 # Copied from the client to Ray; everything else (auth headers, cookies, hop-by-hop headers) is dropped.
 _FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "User-Agent")
-_FORWARDED_RESPONSE_HEADERS = ("Content-Type",)
+_FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Content-Encoding")
 _SUBMISSION_ALPHABET = string.ascii_letters + string.digits
 # Submit bodies are small; package uploads are streamed and not bound by this.
 _MAX_BODY = 16 * 1024 * 1024
+# Answers up to this size are read whole and sent in one piece; larger ones (logs) are streamed.
+_BUFFERED = 1024 * 1024
 
 _CALLER = "rayrack.caller"  # request key: the Caller, set once the token is checked
 
@@ -155,12 +157,14 @@ class Gateway:
         url = self.upstream.url + request.rel_url.raw_path_qs
         headers = self.upstream.headers(request, extra)
         async with session.request(request.method, url, headers=headers, data=body) as resp:
-            out = web.StreamResponse(status=resp.status, reason=resp.reason)
-            for name in _FORWARDED_RESPONSE_HEADERS:
-                if name in resp.headers:
-                    out.headers[name] = resp.headers[name]
-            if "Content-Encoding" in resp.headers:
-                out.headers["Content-Encoding"] = resp.headers["Content-Encoding"]
+            response_headers = {
+                name: resp.headers[name] for name in _FORWARDED_RESPONSE_HEADERS if name in resp.headers
+            }
+            if resp.content_length is not None and resp.content_length <= _BUFFERED:
+                # Most answers are a few kilobytes of JSON: one write is cheaper than a stream.
+                return web.Response(status=resp.status, reason=resp.reason, body=await resp.read(),
+                                    headers=response_headers)  # fmt: skip
+            out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers)
             if resp.content_length is not None:
                 out.content_length = resp.content_length
             await out.prepare(request)
@@ -315,31 +319,29 @@ def _summary(job: dict[str, Any]) -> dict[str, Any]:
 async def _relay(upstream: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse) -> None:
     """Copy messages both ways until one side closes, then close the other with the same code."""
 
-    async def down() -> None:
-        async for msg in upstream:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                await client.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                await client.send_bytes(msg.data)
-        await client.close(code=upstream.close_code or aiohttp.WSCloseCode.OK)
-
     async def up() -> None:
         async for msg in client:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 await upstream.send_str(msg.data)
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 await upstream.send_bytes(msg.data)
-        await upstream.close()
+        await upstream.close()  # the client left: this ends the loop below
 
-    tasks = [asyncio.ensure_future(down()), asyncio.ensure_future(up())]
+    upward = asyncio.ensure_future(up())
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        async for msg in upstream:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await client.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await client.send_bytes(msg.data)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if not client.closed:
-            await client.close()
+        # No reader may be waiting on the client when it is closed: close() then waits for the client's own
+        # close frame. Otherwise the TLS connection ends at once, and the client's answer fails on a closing
+        # transport, which Ray's SDK reports as an abnormal closure (1006) of a job that finished well.
+        upward.cancel()
+        await asyncio.gather(upward, return_exceptions=True)
+    if not client.closed:
+        await client.close(code=upstream.close_code or aiohttp.WSCloseCode.OK)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
