@@ -3,7 +3,11 @@
 * The Ray job comes from the process itself, read locally from ``/proc/<pid>/environ`` of the process or its
   nearest Ray ancestor: Ray workers (tasks, actors) carry ``RAY_JOB_ID``; the driver of a submitted job (the
   entrypoint, and its children) carries ``RAY_JOB_CONFIG_JSON_ENV_VAR``, whose metadata holds the submission
-  id (Ray removes ``RAY_JOB_ID`` from a driver's environment). This works on every node, dashboard or not.
+  id (Ray removes ``RAY_JOB_ID`` from a driver's environment). This works on every node, dashboard or not,
+  for drivers and their children and for workers Ray started for a job (a job with a runtime environment,
+  such as a working_dir: every gateway submission made with the Ray CLI's --working-dir). A worker Ray
+  started ahead of any job and leased to one later says ``RAY_JOB_ID=ffffffff``: its job comes from the state
+  API only, so on a node without it such a worker's processes count as the Linux user's.
 * The job's owner comes from the job list: rayrack-gateway's ``GET /api/rayrack/jobs`` (cluster token, TLS
   verified with the cluster CA), or, without a gateway, the dashboard's ``GET /api/jobs/`` where reachable.
   The owner is the job's ``metadata["rayrack.user"]``, stamped by the gateway; other jobs are "unknown".
