@@ -120,6 +120,7 @@ class RayStateClient:
         self.timeout = timeout
         self.ca_file = ca_file
         self._context: ssl.SSLContext | None = None
+        self._context_stamp = 0
 
     def _token(self) -> str | None:
         return read_token(self.token_file)
@@ -127,13 +128,19 @@ class RayStateClient:
     def _tls(self) -> ssl.SSLContext | None:
         if not self.dashboard_url.startswith("https:"):
             return None
-        if self._context is None:
+        # Loaded again when the CA file changes (a renewed cluster CA), without restarting the agent.
+        try:
+            stamp = self.ca_file.stat().st_mtime_ns if self.ca_file is not None else 0
+        except OSError as err:
+            raise RayStateError(f"cannot read CA file {self.ca_file}: {err.strerror}") from None
+        if self._context is None or stamp != self._context_stamp:
             try:
                 self._context = ssl.create_default_context(
                     cafile=str(self.ca_file) if self.ca_file is not None else None
                 )
             except (OSError, ssl.SSLError) as err:
                 raise RayStateError(f"cannot load CA file {self.ca_file}: {err}") from None
+            self._context_stamp = stamp
         return self._context
 
     def request(self, method: str, path: str, what: str | None = None) -> Any:

@@ -533,6 +533,11 @@ def test_owners_come_from_the_gateway_over_verified_tls(
         )
         status = untrusted.refresh()
         assert not status.success and "CERTIFICATE_VERIFY_FAILED" in status.error
+        # The right CA put in its place is picked up by the running agent.
+        (tmp_path / "other.crt").write_text((pki / "ca.crt").read_text())
+        os.utime(tmp_path / "other.crt", ns=(1, 1))
+        status = untrusted.refresh()
+        assert status.success, status.error
     finally:
         server.close()
 
