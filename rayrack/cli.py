@@ -1,8 +1,8 @@
 """rayrack: operate a rayrack Ray cluster from its Ansible inventory.
 
-Exit codes: 0 success; 1 bad usage or inventory, or (status) a node not alive in Ray; 2 a host failed;
-3 a host was unreachable; 4 the run broke or was interrupted. gpu-check: 0 consistent, 1 something found,
-2 unusable input.
+Exit codes: 0 success; 1 bad usage or inventory, (status) a node not alive in Ray, or (usage) no answer from
+Prometheus; 2 a host failed; 3 a host was unreachable; 4 the run broke or was interrupted. gpu-check:
+0 consistent, 1 something found, 2 unusable input.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--token-file", type=Path,
                         help="the cluster token (default: <inventory>/.secrets/ray_token)")
 
+    usage = sub.add_parser("usage", help="GPU-hours, idle GPU-hours and idle share per user or Ray job (Prometheus)")
+    usage.add_argument("--since", default="7d", help="the period up to now: 30m, 12h, 7d, 4w ... (default: 7d)")
+    usage.add_argument("--by", choices=("user", "job"), default="user", help="one row per user or per Ray job")
+    usage.add_argument("--format", choices=("table", "csv", "json"), default="table", dest="fmt",
+                       help="table (default), csv or json")
+
     upgrade = sub.add_parser("upgrade", parents=[runs],
                              help="rolling upgrade to the inventory's rayrack_ray_version, head last")
     upgrade.add_argument("--ray-version", help="upgrade to this Ray instead of the inventory's (then set "
@@ -61,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     teardown = sub.add_parser("teardown", parents=[runs], help="remove Ray and the agent from every node")
     teardown.add_argument("--confirm", required=True, metavar="CLUSTER_NAME",
                           help="the cluster's name (rayrack_cluster_name), to show you mean it")
+    user = sub.add_parser("user", help="a researcher's gateway token: rotate or revoke (converges the gateway only)")
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    user_sub.add_parser("rotate", parents=[runs], help="a new token for NAME (a revoked user gets back in)"
+                        ).add_argument("name", metavar="NAME", help="a name in rayrack_users")
+    user_sub.add_parser("revoke", parents=[runs], help="remove NAME's token; the gateway refuses it from now on"
+                        ).add_argument("name", metavar="NAME", help="a name in rayrack_users")
+    whoami = sub.add_parser("whoami", help="which user a token belongs to, as the gateway sees it")
+    whoami.add_argument("--token-file", type=Path, required=True, help="the token, e.g. ~/.rayrack/token")
+    whoami.add_argument("--ca-cert", type=Path,
+                        help="the cluster CA certificate (default: <inventory>/.secrets/ca/ca.crt)")
     grafana = sub.add_parser("grafana-sync", add_help=False,
                              help="create or update the dashboards in an existing Grafana (see grafana-sync --help)")
     grafana.add_argument("sync_args", nargs=argparse.REMAINDER)
@@ -104,6 +120,32 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return code
 
+    if args.command == "usage":
+        from rayrack.usage import UsageError, parse_since, usage_text
+
+        try:
+            print(usage_text(inv, args.by, parse_since(args.since), args.fmt))
+        except UsageError as exc:
+            print(f"rayrack: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    command = args.command
+    if command in ("user", "whoami"):
+        from rayrack import users
+
+        try:
+            if command == "whoami":
+                ca_file = args.ca_cert or users.secrets_dir(inv) / "ca" / "ca.crt"
+                print(users.describe(users.whoami(users.gateway_url(inv), args.token_file, ca_file)))
+                return 0
+            changed = (users.rotate if args.user_command == "rotate" else users.revoke)(inv, args.name)
+        except users.UserError as exc:
+            print(f"rayrack: {exc}", file=sys.stderr)
+            return 1
+        print(f"{args.name}: {'new token in' if args.user_command == 'rotate' else 'revoked,'} {changed}")
+        command = f"user {args.user_command}"
+
     extravars: dict[str, object] = {}
     limit = None
     if args.command == "upgrade":
@@ -139,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rayrack.runs import run_playbook
 
-    code = run_playbook(args.command, path, inv.directory, extravars=extravars, limit=limit, verbose=args.verbose)
+    code = run_playbook(command, path, inv.directory, extravars=extravars, limit=limit, verbose=args.verbose)
     if args.command == "upgrade" and args.ray_version and code == 0 and \
             args.ray_version != inv.setting("rayrack_ray_version"):
         print(f"note: the inventory still says rayrack_ray_version {inv.setting('rayrack_ray_version')}; set it to "

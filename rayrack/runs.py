@@ -22,6 +22,9 @@ PLAYBOOKS = {
     "add-node": "playbooks/add_node.yml",
     "remove-node": "playbooks/remove_node.yml",
     "teardown": "playbooks/teardown.yml",
+    # A user's new or revoked token reaches the gateway alone: nothing else is converged.
+    "user rotate": "playbooks/gateway.yml",
+    "user revoke": "playbooks/gateway.yml",
 }
 
 

@@ -25,7 +25,7 @@ HOSTS = {
     "worker2": {"ansible_host": "worker2.mgmt.example.org", "ray_node_ip": "10.20.0.12"},
 }
 PLAY = f"""
-- hosts: worker1
+- hosts: "{{{{ firewall_render_host | default('worker1') }}}}"
   gather_facts: false
   vars_files:
     - {ROLES}/rayrack/defaults/main.yml
@@ -97,3 +97,14 @@ def test_a_monitoring_host_outside_the_ray_nodes_is_admitted(tmp_path):
     table = render(tmp_path, {"mon1": {"ansible_host": "192.0.2.50"}})
     assert elements(table, "monitoring_ipv4") == {"192.0.2.50/32"}
     assert "192.0.2.50/32" not in elements(table, "nodes_ipv4")
+
+
+def test_gateway_port_open_on_the_head_only_to_the_cluster_and_the_nodes(tmp_path):
+    worker = render(tmp_path)
+    assert "8443" not in worker
+    head = render(tmp_path, firewall_render_host="head")
+    assert "ip saddr @cluster_ipv4 tcp dport { 8443 } accept" in head
+    assert "ip saddr @nodes_ipv4 tcp dport { 8443 } accept" in head
+    checked = nft_accepts(tmp_path / "rayrack.nft")
+    assert checked.returncode == 0, checked.stderr
+    assert "8443" not in render(tmp_path, firewall_render_host="head", rayrack_gateway_enabled=False)

@@ -280,3 +280,88 @@ def test_guard_stop_needs_a_reachable_jobs_api():
         "protects it)"]
     groups, hostvars = cluster(head={"rayrack_ray_dashboard_host": "10.0.0.10"}, worker1=guard, worker2=guard)
     assert errors(groups, hostvars) == []
+
+
+# --- rayrack_users and rayrack_user_tokens ---------------------------------------------------------------
+GOOD_USERS = [{"name": "alice", "contact": "alice@example.org U0ALICE1"},
+              {"name": "bob", "contact": "bob@example.org", "max_gpus": 1},
+              {"name": "ops", "admin": True, "max_gpus": None}]
+
+
+def users_cluster(users, tokens=None):
+    extra = {"rayrack_users": users} | ({"rayrack_user_tokens": tokens} if tokens is not None else {})
+    return cluster(head=extra, worker1=extra, worker2=extra)
+
+
+def test_good_users_and_tokens():
+    assert errors(*users_cluster(GOOD_USERS, {"alice": "a" * 64})) == []
+
+
+def test_user_bad_name():
+    assert errors(*users_cluster([{"name": "Alice"}])) == [
+        "rayrack_users[0].name: must match ^[a-z][a-z0-9_-]{0,31}$ (lowercase letter first, then lowercase letters, "
+        "digits, '_' or '-', 32 at most); got 'Alice'"]
+
+
+def test_user_name_unknown_is_reserved():
+    assert errors(*users_cluster([{"name": "unknown"}])) == [
+        "rayrack_users[0].name: 'unknown' is reserved for jobs submitted around the gateway"]
+
+
+def test_user_without_name():
+    assert errors(*users_cluster([{"contact": "x@example.org"}])) == ["rayrack_users[0]: has no name"]
+
+
+def test_duplicate_user_names_both_entries():
+    users = [{"name": "alice"}, {"name": "bob"}, {"name": "alice"}]
+    assert errors(*users_cluster(users)) == ["rayrack_users[0] and rayrack_users[2] are both alice"]
+
+
+def test_user_unknown_key_with_hint():
+    assert errors(*users_cluster([{"name": "bob", "maxgpus": 1}])) == [
+        "rayrack_users[0]: unknown key 'maxgpus'; did you mean max_gpus?"]
+
+
+@pytest.mark.parametrize(("key", "value", "wanted"), [
+    ("admin", "yes", "a boolean (true/false, unquoted)"),
+    ("max_gpus", -1, "a whole number of GPUs (0 or more), or null for no limit"),
+    ("max_gpus", True, "a whole number of GPUs (0 or more), or null for no limit"),
+    ("contact", ["a@b.org"], "a string"),
+])
+def test_user_wrong_types(key, value, wanted):
+    described = f"the string {value!r}" if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+    assert errors(*users_cluster([{"name": "bob", key: value}])) == [
+        f"rayrack_users[0].{key}: must be {wanted}, got {described}"]
+
+
+def test_user_entry_not_a_mapping():
+    assert errors(*users_cluster(["alice"])) == [
+        "rayrack_users: must be a list of a mapping, got list ['alice'] (on head, worker1, worker2)"]
+
+
+def test_user_bad_contact():
+    assert errors(*users_cluster([{"name": "bob", "contact": "bob at example"}])) == [
+        "rayrack_users[0].contact: must be an e-mail address and/or a chat member id such as U0123ABCD, separated "
+        "by a space; got 'bob at example'"]
+
+
+def test_token_too_short_never_shown():
+    found = errors(*users_cluster(GOOD_USERS, {"alice": "s3cret-short"}))
+    assert found == ["rayrack_user_tokens[alice]: must be a string of at least 32 characters without spaces "
+                     "(e.g. `openssl rand -hex 32`)"]
+    assert "s3cret" not in " ".join(found)
+
+
+def test_token_for_unknown_user():
+    assert errors(*users_cluster(GOOD_USERS, {"carol": "c" * 64})) == [
+        "rayrack_user_tokens: 'carol' is not a name in rayrack_users"]
+
+
+def test_tokens_of_the_wrong_type_are_not_printed():
+    found = errors(*users_cluster(GOOD_USERS, "alice-token-" + "x" * 40))
+    assert found == ["rayrack_user_tokens: must be a mapping, got str (on head, worker1, worker2)"]
+
+
+def test_cert_sans_addresses_and_names_once():
+    assert inv.rayrack_cert_sans(["10.0.0.10", "10.0.0.10", "head", "", None, "head.example.org", "fd00::1"]) == [
+        "IP:10.0.0.10", "DNS:head", "DNS:head.example.org", "IP:fd00::1"]

@@ -61,6 +61,12 @@ LAB_RAY_EXTRAS = ["default", "train"]
 LAB_PYTHON_PACKAGES = ["torch==2.13.0+cpu"]
 # A small package only the shared tree's package directory offers: jobs' runtime_env pip installs it offline.
 LAB_SHARED_PACKAGES = ["einops==0.8.1"]
+# The gateway's users: a researcher with an e-mail address and a chat member id, one held to a single GPU, an admin.
+LAB_USERS = [
+    {"name": "alice", "contact": "alice@example.org U0ALICE1"},
+    {"name": "bob", "contact": "bob@example.org", "max_gpus": 1},
+    {"name": "ops", "contact": "U0OPS001", "admin": True},
+]
 # Fake GPUs per worker -> the agent's shipped scenario with that many GPUs.
 FAKE_SCENARIOS = {2: "builtin:lab-2gpu", 8: "builtin:demo-8gpu"}
 
@@ -323,6 +329,9 @@ chown {ADMIN_USER}: /home/{ADMIN_USER}/.ssh/authorized_keys && chmod 0600 /home/
 echo '{ADMIN_USER} ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/90-{ADMIN_USER}
 chmod 0440 /etc/sudoers.d/90-{ADMIN_USER}
 systemctl is-active --quiet ssh || systemctl start ssh
+# systemd on a host makes / a shared mount at boot; podman leaves it private, and then no unit's LoadCredential=
+# reaches it (the credentials mount is made in a child namespace and never propagates back).
+mount --make-rshared /
 cat /etc/ssh/ssh_host_ed25519_key.pub
 """
     out = podman("exec", "-i", node.container, "bash", "-s", input_text=script, capture=True).stdout
@@ -376,6 +385,8 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
         "ray_node_object_store_memory": 256 * 1024 * 1024,
         # The shared tree is this lab's volume on every node; the head exports that same directory.
         "rayrack_nfs_export": "/srv/rayrack-shared",
+        # Researchers through the jobs gateway (tests/lab/test_gateway.py): their tokens are generated.
+        "rayrack_users": LAB_USERS,
         "nfs_server_backend": "ganesha",
         # Containers have no kernel NFS client or FS-Cache: the mount unit is written, not started.
         "nfs_client_mount": False,

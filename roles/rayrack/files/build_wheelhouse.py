@@ -6,6 +6,7 @@ air-gapped path too). The wheelhouse appears atomically: DEST/ and DEST.tar exis
 """
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,11 @@ def build(dest: Path, python_version: str, arch: str, requirements: list[str], s
     wanted = list(requirements)
     if source is not None:
         pip("wheel", "--no-deps", "--wheel-dir", str(work), str(source))
-        wanted = [str(p) for p in work.glob("*.whl")]  # its dependencies come from its own metadata
+        # Its dependencies come from its own metadata, with the extras the requirements name (ray-agent[gateway]).
+        extras = sorted({extra.strip() for requirement in requirements
+                         for group in re.findall(r"\[([^\]]*)\]", requirement) for extra in group.split(",")})
+        suffix = f"[{','.join(extras)}]" if extras else ""
+        wanted = [f"{p}{suffix}" for p in work.glob("*.whl")]
     platform_args = [f"--platform={tag}" for tag in platforms(arch)]
     pip("download", "--dest", str(work), "--only-binary=:all:", "--implementation", "cp",
         "--python-version", python_version, *platform_args, *wanted)
@@ -53,10 +58,11 @@ def main() -> int:
     parser.add_argument("--python-version", required=True)
     parser.add_argument("--arch", required=True)
     parser.add_argument("--source", type=Path, help="a local project to build a wheel of, with its dependencies")
-    parser.add_argument("requirements", nargs="*", help="what to download (without --source)")
+    parser.add_argument("requirements", nargs="*",
+                        help="what to download; with --source, the project's name and the extras to include")
     args = parser.parse_args()
-    if bool(args.source) == bool(args.requirements):
-        parser.error("give either --source or requirements")
+    if not args.source and not args.requirements:
+        parser.error("give --source or requirements")
     build(args.dest, args.python_version, args.arch, args.requirements, args.source)
     return 0
 

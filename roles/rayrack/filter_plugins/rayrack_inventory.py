@@ -35,6 +35,15 @@ ELEMENT_FORMATS = {
     "rayrack_python_packages": PINNED_REQUIREMENT,
     "rayrack_shared_packages": PINNED_REQUIREMENT,
 }
+# rayrack_users: each entry's keys and their checks, the name's form (also a Linux login's), the contact's parts.
+USER_KEYS = {"name": "a string", "contact": "a string", "admin": "a boolean (true/false, unquoted)",
+             "max_gpus": "a whole number of GPUs (0 or more), or null for no limit"}
+USER_NAME = r"[a-z][a-z0-9_-]{0,31}"
+# Jobs submitted around the gateway are owned by "unknown": no user may take that name.
+RESERVED_USER_NAMES = {"unknown"}
+EMAIL = r"[^@\s]+@[^@\s]+\.[^@\s]+"
+CHAT_MEMBER_ID = r"[UW][A-Z0-9]{2,}"
+MIN_USER_TOKEN_CHARS = 32
 TYPE_NAMES = {"bool": "a boolean (true/false, unquoted)", "int": "an integer", "str": "a string",
               "path": "a path string", "list": "a list", "dict": "a mapping", "raw": "any value"}
 
@@ -77,7 +86,9 @@ def check_value(name: str, value: Any, spec: Mapping[str, Any]) -> str | None:
         wanted = TYPE_NAMES.get(spec.get("type", "str"), spec.get("type"))
         if spec.get("type") == "list" and isinstance(value, list):
             wanted = f"a list of {TYPE_NAMES.get(spec.get('elements', 'raw'), 'values')}"
-        return f"{name}: must be {wanted}, got {_describe(value)}"
+        # A secret's value never reaches the output, even a mistyped one.
+        got = type(value).__name__ if spec.get("no_log") else _describe(value)
+        return f"{name}: must be {wanted}, got {got}"
     if "choices" in spec and value not in spec["choices"]:
         return f"{name}: must be one of {', '.join(map(str, spec['choices']))}; got {value!r}"
     if name in FORMATS:
@@ -92,6 +103,57 @@ def check_value(name: str, value: Any, spec: Mapping[str, Any]) -> str | None:
     if name.endswith("_port") and not 1 <= value <= 65535:
         return f"{name}: must be a port number 1-65535; got {value}"
     return None
+
+
+def _user_value_ok(key: str, value: Any) -> bool:
+    if key in ("name", "contact"):
+        return isinstance(value, str)
+    if key == "admin":
+        return isinstance(value, bool)
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+def users_errors(users: list[Mapping[str, Any]], tokens: Mapping[str, Any]) -> list[str]:
+    """rayrack_users (a list of mappings) and rayrack_user_tokens (a mapping): each problem naming its entry."""
+    errors: list[str] = []
+    first: dict[str, int] = {}
+    for index, user in enumerate(users):
+        where = f"rayrack_users[{index}]"
+        for key in user:
+            if key not in USER_KEYS:
+                close = difflib.get_close_matches(str(key), list(USER_KEYS), n=1)
+                hint = f"; did you mean {close[0]}?" if close else f"; the keys are {', '.join(USER_KEYS)}"
+                errors.append(f"{where}: unknown key {key!r}{hint}")
+            elif not _user_value_ok(key, user[key]):
+                errors.append(f"{where}.{key}: must be {USER_KEYS[key]}, got {_describe(user[key])}")
+        name = user.get("name")
+        if "name" not in user:
+            errors.append(f"{where}: has no name")
+        elif isinstance(name, str) and not re.fullmatch(USER_NAME, name):
+            errors.append(f"{where}.name: must match ^{USER_NAME}$ (lowercase letter first, then lowercase letters, "
+                          f"digits, '_' or '-', 32 at most); got {name!r}")
+        elif name in RESERVED_USER_NAMES:
+            errors.append(f"{where}.name: {name!r} is reserved for jobs submitted around the gateway")
+        elif isinstance(name, str) and name in first:
+            errors.append(f"rayrack_users[{first[name]}] and {where} are both {name}")
+        elif isinstance(name, str):
+            first[name] = index
+        contact = user.get("contact")
+        if isinstance(contact, str):
+            parts = contact.split()
+            wrong = [p for p in parts if not (re.fullmatch(EMAIL, p) or re.fullmatch(CHAT_MEMBER_ID, p))]
+            if not parts or wrong:
+                errors.append(f"{where}.contact: must be an e-mail address and/or a chat member id such as U0123ABCD, "
+                              f"separated by a space; got {contact!r}")
+    for name, token in tokens.items():
+        # Never the token itself in a message: only which user's and what is wrong with it.
+        if name not in first:
+            errors.append(f"rayrack_user_tokens: {name!r} is not a name in rayrack_users")
+        elif not isinstance(token, str) or len(token.strip()) < MIN_USER_TOKEN_CHARS or \
+                any(c.isspace() for c in token.strip()):
+            errors.append(f"rayrack_user_tokens[{name}]: must be a string of at least {MIN_USER_TOKEN_CHARS} "
+                          "characters without spaces (e.g. `openssl rand -hex 32`)")
+    return errors
 
 
 def _known_prefixes(specs: Mapping[str, Mapping[str, Any]]) -> set[str]:
@@ -223,6 +285,8 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
                       f"copy the wheels into {packages or 'the package directory'} on the NAS as root, and leave "
                       "rayrack_shared_packages empty")
 
+    errors.extend(users_errors(cluster.get("rayrack_users") or [], cluster.get("rayrack_user_tokens") or {}))
+
     # The idle guard stops jobs through the Jobs API on the head: workers must be able to reach it.
     dashboard = cluster.get("rayrack_ray_dashboard_host")
     stoppers = [h for h in workers if hostvars[h].get("ray_agent_guard_enabled")
@@ -271,8 +335,24 @@ def rayrack_is_loopback(host: str) -> bool:
     return str(host) in LOOPBACK
 
 
+def rayrack_cert_sans(names: Iterable[Any]) -> list[str]:
+    """A certificate's subjectAltName entries for a node's addresses and names: IP:... or DNS:..., each once."""
+    sans: list[str] = []
+    for name in names:
+        if not name:
+            continue
+        try:
+            entry = f"IP:{ipaddress.ip_address(str(name))}"
+        except ValueError:
+            entry = f"DNS:{name}"
+        if entry not in sans:
+            sans.append(entry)
+    return sans
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {"rayrack_inventory_errors": rayrack_inventory_errors, "rayrack_node_addresses": rayrack_node_addresses,
                 "rayrack_is_loopback": rayrack_is_loopback,
-                "rayrack_alive_node_ips": rayrack_alive_node_ips, "rayrack_gpu_workers": rayrack_gpu_workers}
+                "rayrack_alive_node_ips": rayrack_alive_node_ips, "rayrack_gpu_workers": rayrack_gpu_workers,
+                "rayrack_cert_sans": rayrack_cert_sans}

@@ -1,0 +1,82 @@
+"""The rayrack-gateway unit as the role renders it: hardened (systemd-analyze security) and valid for systemd."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import required
+
+REPO = Path(__file__).resolve().parents[2]
+ROLES = REPO / "roles"
+pytestmark = pytest.mark.slow
+# systemd-analyze's exposure score, 0 (locked down) to 10; the project's ceiling for its units.
+MAX_EXPOSURE = 4.5
+
+PLAY = f"""
+- hosts: head
+  gather_facts: false
+  vars_files:
+    - {ROLES}/rayrack/defaults/main.yml
+    - {ROLES}/rayrack/vars/main.yml
+    - {ROLES}/ray_gateway/defaults/main.yml
+    - {ROLES}/ray_gateway/vars/main.yml
+  tasks:
+    - ansible.builtin.template:
+        src: {ROLES}/ray_gateway/templates/etc/systemd/system/rayrack-gateway.service.j2
+        dest: "{{{{ dest }}}}"
+        mode: "0644"
+      delegate_to: localhost
+"""
+
+
+@pytest.fixture(scope="module")
+def unit(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("unit")
+    inventory = {"all": {"vars": {"ansible_connection": "local"}, "children": {
+        "ray_head": {"hosts": {"head": {"ansible_host": "10.0.0.10"}}}}}}
+    (tmp / "hosts.json").write_text(json.dumps(inventory))
+    (tmp / "play.yml").write_text(PLAY)
+    dest = tmp / "rayrack-gateway.service"
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+           "ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins:{ROLES}/ray_gateway/filter_plugins",
+           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_LOCALHOST_WARNING": "0"}
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(tmp / "hosts.json"), str(tmp / "play.yml"),
+         "-e", json.dumps({"dest": str(dest)})], cwd=REPO, capture_output=True, text=True, check=False, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return dest
+
+
+def test_secrets_are_credentials_of_a_dynamic_user(unit):
+    text = unit.read_text()
+    assert "DynamicUser=yes" in text
+    assert re.findall(r"^LoadCredential=(.*)$", text, re.M) == [
+        "gateway.yml:/etc/rayrack/gateway.yml", "tls.key:/etc/rayrack/tls/gateway.key",
+        "tls.crt:/etc/rayrack/tls/gateway.crt",
+        "users.json:/etc/rayrack/gateway-users.json", "cluster.token:/etc/rayrack/gateway-cluster.token"]
+    assert "--config.file /run/credentials/rayrack-gateway.service/gateway.yml" in text
+    assert "Restart=always" in text and "RestartSec=1" in text
+
+
+def test_exposure_score_is_low(unit):
+    analyze = shutil.which("systemd-analyze") or required.missing("systemd-analyze (systemd) is not installed")
+    result = subprocess.run([analyze, "security", "--offline=yes", "--no-pager", str(unit)],
+                            capture_output=True, text=True, check=False)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout[-2000:] + result.stderr[-2000:]
+    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+def test_systemd_accepts_the_unit(unit):
+    analyze = shutil.which("systemd-analyze") or required.missing("systemd-analyze (systemd) is not installed")
+    result = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, check=False)
+    # The ExecStart binary exists only on the head; every other complaint is a mistake in the unit.
+    problems = [line for line in result.stderr.splitlines() if "rayrack-gateway" in line
+                and "is not executable" not in line and "No such file" not in line]
+    assert problems == [], result.stderr
