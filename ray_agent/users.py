@@ -19,8 +19,12 @@ from dataclasses import dataclass
 OWNER_METADATA_KEY = "rayrack.user"
 UNKNOWN_OWNER = "unknown"
 
-# Slack member ids: U (or W on Enterprise Grid) and upper-case letters and digits. The inventory check
-# (roles/rayrack/filter_plugins, rayrack_users) uses the same two patterns.
+# A user name, also usable as a Linux login and a submission id prefix. The inventory check
+# (roles/rayrack/filter_plugins, rayrack_users) and the gateway's users.json reader both use this one.
+USER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# No user may take the owner name of jobs submitted around the gateway.
+RESERVED_USER_NAMES = frozenset({UNKNOWN_OWNER})
+# Slack member ids: U (or W on Enterprise Grid) and upper-case letters and digits.
 _SLACK_MEMBER = re.compile(r"^[UW][A-Z0-9]{2,}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -46,22 +50,22 @@ class User:
 
 
 def parse_contact(text: str) -> Contact:
-    """'alice@example.org', 'U0123ABCD', or both separated by whitespace; ValueError says what is wrong."""
+    """'alice@example.org', 'U0123ABCD', or both separated by whitespace; ValueError says what is allowed."""
     email = member = ""
     words = text.split()
-    if len(words) > 2:
-        raise ValueError(f"expected an e-mail address and/or a Slack member id, got {text!r}")
+    if not words:
+        return Contact()
     for word in words:
         if _EMAIL.match(word) and not email:
             email = word
         elif _SLACK_MEMBER.match(word) and not member:
             member = word
         else:
-            raise ValueError(
-                f"{word!r} is neither an e-mail address nor a Slack member id (U followed by capitals and digits)"
-                if not (_EMAIL.match(word) or _SLACK_MEMBER.match(word))
-                else f"{text!r} names two of the same kind; give at most one e-mail address and one member id"
-            )
+            words = []
+            break
+    if not words:
+        raise ValueError("must be an e-mail address and/or a Slack member id such as U0123ABCD (at most one of "
+                         f"each), separated by a space; got {text!r}")
     return Contact(email, member)
 
 

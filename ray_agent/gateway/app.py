@@ -24,11 +24,11 @@ import aiohttp
 from aiohttp import web
 
 from ray_agent.gateway.users import User, Users
+from ray_agent.users import OWNER_METADATA_KEY as OWNER_KEY
+from ray_agent.users import UNKNOWN_OWNER, job_owner
 
 log = logging.getLogger("ray_agent.gateway")
 
-OWNER_KEY = "rayrack.user"
-UNKNOWN_OWNER = "unknown"
 # Copied from the client to Ray; everything else (auth headers, cookies, hop-by-hop headers) is dropped.
 _FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "User-Agent")
 _FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Content-Encoding")
@@ -117,9 +117,7 @@ def _bearer(request: web.Request) -> str | None:
 
 
 def _owner(job: Any) -> str:
-    metadata = job.get("metadata") if isinstance(job, dict) else None
-    owner = metadata.get(OWNER_KEY) if isinstance(metadata, dict) else None
-    return owner if isinstance(owner, str) and owner else UNKNOWN_OWNER
+    return job_owner(job.get("metadata") if isinstance(job, dict) else None)
 
 
 def upstream_path(request: web.Request) -> str:
