@@ -56,7 +56,7 @@ integration: host-deps nvml-sim ## molecule scenarios `gpu` and `cluster` (conve
 	$(BIN)/molecule test -s gpu
 	$(BIN)/molecule destroy -s cluster >/dev/null; \
 	$(BIN)/molecule test -s cluster --destroy=never; rc=$$?; \
-	if [ $$rc -eq 0 ]; then $(BIN)/pytest -m "lab and not day2" && $(BIN)/pytest -m day2; rc=$$?; fi; \
+	if [ $$rc -eq 0 ]; then $(BIN)/pytest --durations=0 -m "lab and not day2" && $(BIN)/pytest --durations=0 -m day2; rc=$$?; fi; \
 	$(BIN)/molecule destroy -s cluster >/dev/null; exit $$rc
 
 bench: bench-cluster bench-agent bench-idle bench-gateway ## All benchmarks
