@@ -12,7 +12,7 @@ WORKERS ?= 2
 # Each lab keeps its own fact cache, removed with it.
 LAB_ANSIBLE := ANSIBLE_CACHE_PLUGIN_CONNECTION=$(CURDIR)/inventories/$(LAB)/.facts $(BIN)/ansible-playbook
 
-.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration bench bench-cluster bench-agent bench-idle nvml-sim clean
+.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration bench bench-cluster bench-agent bench-idle bench-gateway nvml-sim clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -56,10 +56,10 @@ integration: host-deps nvml-sim ## molecule scenarios `gpu` and `cluster` (conve
 	$(BIN)/molecule test -s gpu
 	$(BIN)/molecule destroy -s cluster >/dev/null; \
 	$(BIN)/molecule test -s cluster --destroy=never; rc=$$?; \
-	if [ $$rc -eq 0 ]; then $(BIN)/pytest -m "lab and not day2" && $(BIN)/pytest -m day2; rc=$$?; fi; \
+	if [ $$rc -eq 0 ]; then $(BIN)/pytest --durations=0 -m "lab and not day2" && $(BIN)/pytest --durations=0 -m day2; rc=$$?; fi; \
 	$(BIN)/molecule destroy -s cluster >/dev/null; exit $$rc
 
-bench: bench-cluster bench-agent bench-idle ## All benchmarks
+bench: bench-cluster bench-agent bench-idle bench-gateway ## All benchmarks
 
 bench-cluster: host-deps ## site.yml cold and re-run times, tuned vs stock Ansible; cluster-ready vs plain `ray start`
 	$(BIN)/python tests/bench/bench_cluster.py
@@ -81,6 +81,9 @@ $(NVML_SIM_LIB): $(NVML_SIM_SRC)/nvml_sim.c $(NVML_SIM_SRC)/nvml_sim_unsupported
 
 bench-idle: venv ## Idle guard: detection latency vs window + interval, false positives on gap traces
 	$(BIN)/python tests/bench/bench_idle.py
+
+bench-gateway: venv ## rayrack-gateway: GET /api/jobs/ and submit latency through it (TLS) vs direct to Ray, its RSS
+	$(BIN)/python tests/bench/bench_gateway.py
 
 clean: lab-down ## Remove the lab, caches and the venv
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

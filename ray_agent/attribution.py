@@ -1,8 +1,22 @@
-"""Who owns a GPU process: its Linux user (from /proc) and its Ray job, actor and task.
+"""Who owns a GPU process: its Linux user, its Ray job, the job's owner, and its Ray actor and task.
 
-Ray's identity comes from the dashboard's state API over plain HTTP (importing ray would cost more memory
-than the whole agent). It is fetched in a background thread every `ttl` and kept in a dict that lookups only
-read, so a slow or absent Ray never delays a collection.
+* The Ray job comes from the process itself, read locally from ``/proc/<pid>/environ`` of the process or its
+  nearest Ray ancestor: Ray workers (tasks, actors) carry ``RAY_JOB_ID``; the driver of a submitted job (the
+  entrypoint, and its children) carries ``RAY_JOB_CONFIG_JSON_ENV_VAR``, whose metadata holds the submission
+  id (Ray removes ``RAY_JOB_ID`` from a driver's environment). This works on every node, dashboard or not,
+  for drivers and their children and for workers Ray started for a job (a job with a runtime environment,
+  such as a working_dir: every gateway submission made with the Ray CLI's --working-dir). A worker Ray
+  started ahead of any job and leased to one later says ``RAY_JOB_ID=ffffffff``: its job comes from the state
+  API only, so on a node without it such a worker's processes count as the Linux user's.
+* The job's owner comes from the job list: rayrack-gateway's ``GET /api/rayrack/jobs`` (cluster token, TLS
+  verified with the cluster CA), or, without a gateway, the dashboard's ``GET /api/jobs/`` where reachable.
+  The owner is the job's ``metadata["rayrack.user"]``, stamped by the gateway; other jobs are "unknown".
+* Actor and task names come from the dashboard's state API where it is reachable (the head, or every node
+  when the dashboard listens on the cluster network).
+
+Everything remote is fetched over plain HTTP(S) (importing ray would cost more memory than the whole agent)
+in a background thread every `ttl` and kept in dicts that lookups only read, so a slow or absent Ray or
+gateway never delays a collection.
 """
 
 from __future__ import annotations
@@ -11,19 +25,21 @@ import json
 import logging
 import os
 import pwd
+import ssl
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from ray_agent.clock import Clock, SystemClock
 from ray_agent.config import AttributionConfig
+from ray_agent.users import UNKNOWN_OWNER, job_owner
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +49,16 @@ _LIST_LIMIT = 10_000
 _STALE_AFTER_TTLS = 3
 # How many parents up a GPU process may be from the Ray worker that started it.
 _ANCESTOR_DEPTH = 8
+# What Ray puts into the environments of its processes (src/ray/raylet, dashboard/modules/job).
+_JOB_ID_ENV = "RAY_JOB_ID"
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+_SUBMISSION_ID_KEY = "job_submission_id"
+# JobID::Nil() in hex: a worker not (yet) leased to a job.
+_NIL_JOB_ID = "ffffffff"
+# Processes whose environment was read, by (pid, start time): a process's initial environment never changes.
+_ENVIRON_CACHE_SIZE = 4096
+# A job the list does not know yet makes the next refresh come early, but not more often than this.
+_EARLY_REFRESH_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +66,21 @@ class RayIdentity:
     job_id: str = ""
     actor: str = ""
     task: str = ""
+    submission_id: str = ""
+    user: str = ""  # the job's owner; "unknown" for a Ray process whose job has no rayrack.user
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """One Ray job, from the Jobs API's list (`GET /api/jobs/`) or the gateway's (`GET /api/rayrack/jobs`)."""
+
+    job_id: str
+    submission_id: str
+    type: str  # SUBMISSION (stoppable through the Jobs API) or DRIVER (ray.init() scripts); "" from the gateway
+    status: str
+    entrypoint: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    user: str = UNKNOWN_OWNER
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +108,108 @@ def read_token(token_file: Path | None) -> str | None:
 
 
 class RayStateClient:
-    """Reads Ray's state API (`/api/v0/...`) with urllib; optional bearer token for Ray token auth."""
+    """The agent's one HTTP client for Ray's dashboard and rayrack-gateway: urllib, the cluster token as
+    `Authorization: Bearer`, a timeout on every call, TLS verified against `ca_file` for https URLs, and every
+    failure raised as RayStateError with a short reason (never the token)."""
 
-    def __init__(self, dashboard_url: str, token_file: Path | None, timeout: float) -> None:
+    def __init__(
+        self, dashboard_url: str, token_file: Path | None, timeout: float, ca_file: Path | None = None
+    ) -> None:
         self.dashboard_url = dashboard_url.rstrip("/")
         self.token_file = token_file
         self.timeout = timeout
+        self.ca_file = ca_file
+        self._context: ssl.SSLContext | None = None
+        self._context_stamp = 0
 
     def _token(self) -> str | None:
         return read_token(self.token_file)
+
+    def _tls(self) -> ssl.SSLContext | None:
+        if not self.dashboard_url.startswith("https:"):
+            return None
+        # Loaded again when the CA file changes (a renewed cluster CA), without restarting the agent.
+        try:
+            stamp = self.ca_file.stat().st_mtime_ns if self.ca_file is not None else 0
+        except OSError as err:
+            raise RayStateError(f"cannot read CA file {self.ca_file}: {err.strerror}") from None
+        if self._context is None or stamp != self._context_stamp:
+            try:
+                self._context = ssl.create_default_context(
+                    cafile=str(self.ca_file) if self.ca_file is not None else None
+                )
+            except (OSError, ssl.SSLError) as err:
+                raise RayStateError(f"cannot load CA file {self.ca_file}: {err}") from None
+            self._context_stamp = stamp
+        return self._context
+
+    def request(self, method: str, path: str, what: str | None = None) -> Any:
+        """`method path` on the base URL -> the decoded JSON answer."""
+        what = what or f"{method} {path.split('?', 1)[0]}"
+        request = urllib.request.Request(f"{self.dashboard_url}{path}", method=method)
+        token = self._token()
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self._tls()) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as err:
+            hint = " (is the token right?)" if err.code in (401, 403) else ""
+            raise RayStateError(f"{what}: HTTP {err.code}{hint}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise RayStateError(f"{what}: {reason}") from None
+        except ValueError as err:
+            raise RayStateError(f"{what}: response is not JSON: {err}") from None
+
+    def list_jobs(self) -> list[JobInfo]:
+        """The dashboard's Jobs API list, `GET /api/jobs/`."""
+        rows = self.request("GET", "/api/jobs/")
+        if not isinstance(rows, list):
+            raise RayStateError("GET /api/jobs/: expected a list of jobs")
+        jobs = []
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            metadata = row.get("metadata") or {}
+            metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+            jobs.append(
+                JobInfo(
+                    job_id=str(row.get("job_id") or ""),
+                    submission_id=str(row.get("submission_id") or ""),
+                    type=str(row.get("type") or ""),
+                    status=str(row.get("status") or ""),
+                    entrypoint=str(row.get("entrypoint") or ""),
+                    metadata=metadata,
+                    user=job_owner(metadata),
+                )
+            )
+        return jobs
+
+    def gateway_jobs(self) -> list[JobInfo]:
+        """rayrack-gateway's read-only list with each job's owner, `GET /api/rayrack/jobs`."""
+        body = self.request("GET", "/api/rayrack/jobs")
+        rows = body.get("jobs") if isinstance(body, dict) else None
+        if not isinstance(rows, list):
+            raise RayStateError('GET /api/rayrack/jobs: expected {"jobs": [...]}')
+        return [
+            JobInfo(
+                job_id=str(row.get("job_id") or ""),
+                submission_id=str(row.get("submission_id") or ""),
+                type="",
+                status=str(row.get("status") or ""),
+                user=str(row.get("user") or UNKNOWN_OWNER),
+            )
+            for row in rows
+            if isinstance(row, dict)
+        ]
+
+    def stop_job(self, submission_id: str) -> bool:
+        """True when Ray stopped a running job, False when it was no longer running."""
+        answer = self.request("POST", f"/api/jobs/{quote(submission_id, safe='')}/stop", "POST stop")
+        if not isinstance(answer, dict) or not isinstance(answer.get("stopped"), bool):
+            raise RayStateError('POST stop: expected {"stopped": true|false}')
+        return answer["stopped"]
 
     def list(self, resource: str, filters: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
         """GET /api/v0/<resource> with `key=value` filters; returns the rows."""
@@ -85,21 +219,7 @@ class RayStateClient:
         ]
         for key, predicate, value in filters:
             query += [("filter_keys", key), ("filter_predicates", predicate), ("filter_values", value)]
-        request = urllib.request.Request(f"{self.dashboard_url}/api/v0/{resource}?{urlencode(query)}")
-        token = self._token()
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                body = json.load(response)
-        except urllib.error.HTTPError as err:
-            hint = " (is the token right?)" if err.code in (401, 403) else ""
-            raise RayStateError(f"{resource}: HTTP {err.code}{hint}") from None
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise RayStateError(f"{resource}: {reason}") from None
-        except ValueError as err:
-            raise RayStateError(f"{resource}: response is not JSON: {err}") from None
+        body = self.request("GET", f"/api/v0/{resource}?{urlencode(query)}", resource)
         try:
             if body["result"] is not True:
                 raise RayStateError(f"{resource}: {body.get('msg') or 'request failed'}")
@@ -148,12 +268,55 @@ def identities_from_state(
     return found
 
 
-def _parent_pid(proc_path: Path, pid: int) -> int | None:
+def _stat(proc_path: Path, pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) from /proc/<pid>/stat; the comm may hold spaces and parentheses."""
     try:
         stat = (proc_path / str(pid) / "stat").read_text(encoding="utf-8", errors="replace")
-        return int(stat.rsplit(")", 1)[1].split()[1])
+        fields = stat.rsplit(")", 1)[1].split()
+        return int(fields[1]), fields[19] if len(fields) > 19 else ""
     except (OSError, IndexError, ValueError):
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class _LocalJob:
+    """What a process's own environment says about its Ray job."""
+
+    job_id: str = ""
+    submission_id: str = ""
+    owner: str = ""  # from a driver's job metadata; workers carry none
+
+
+_NOT_RAY = _LocalJob()
+
+
+def local_job(environ: Mapping[str, str]) -> _LocalJob | None:
+    """A Ray worker's job id, or a submitted job's driver's submission id and owner; None: not a Ray process."""
+    job_id = environ.get(_JOB_ID_ENV, "")
+    if job_id and job_id != _NIL_JOB_ID:
+        return _LocalJob(job_id=job_id)
+    config = environ.get(_JOB_CONFIG_ENV)
+    if config:
+        try:
+            metadata = json.loads(config).get("metadata") or {}
+        except (ValueError, AttributeError):
+            metadata = {}
+        if isinstance(metadata, dict) and metadata.get(_SUBMISSION_ID_KEY):
+            return _LocalJob(submission_id=str(metadata[_SUBMISSION_ID_KEY]), owner=job_owner(metadata))
+    return None
+
+
+def _read_environ(proc_path: Path, pid: int) -> dict[str, str] | None:
+    try:
+        raw = (proc_path / str(pid) / "environ").read_bytes()
+    except OSError:
+        return None  # gone, or another user's process
+    environ = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            environ[key.decode(errors="replace")] = value.decode(errors="replace")
+    return environ
 
 
 @lru_cache(maxsize=256)
@@ -165,7 +328,7 @@ def _user_name(uid: int) -> str:
 
 
 class Attribution:
-    """pid -> user and Ray identity, answered from memory."""
+    """pid -> user and Ray identity, answered from memory and /proc."""
 
     def __init__(
         self,
@@ -174,19 +337,29 @@ class Attribution:
         proc_path: Path = Path("/proc"),
         clock: Clock | None = None,
         client: RayStateClient | None = None,
+        gateway: RayStateClient | None = None,
     ) -> None:
         self.config = config
         self.node_ip = config.node_ip or node_ip
         self.proc_path = proc_path
         self._clock = clock or SystemClock()
         self._client = client or RayStateClient(
-            config.dashboard_url, config.token_file, config.request_timeout
+            config.dashboard_url, config.token_file, config.request_timeout, config.ca_file
         )
+        self._gateway = gateway
+        if gateway is None and config.gateway_url is not None:
+            self._gateway = RayStateClient(
+                config.gateway_url, config.token_file, config.request_timeout, config.ca_file
+            )
         self._identities: Mapping[int, RayIdentity] = MappingProxyType({})
         self._refreshed_at: float | None = None
+        self._jobs: Mapping[str, JobInfo] = MappingProxyType({})  # by job id and by submission id
+        self._jobs_at: float | None = None
+        self._environ: dict[tuple[int, str], _LocalJob] = {}
         self._node_id: str | None = None
         self._status: RefreshStatus | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._refreshed = threading.Condition()
         self._refresh_count = 0
         self._thread: threading.Thread | None = None
@@ -203,6 +376,7 @@ class Attribution:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             # The fetch has its own timeout; waiting longer than that would only delay shutdown.
             self._thread.join(self.config.request_timeout * 4)
@@ -210,26 +384,29 @@ class Attribution:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.refresh()
-            self._stop.wait(self.config.ttl)
+            # Early when a collection met a job the list did not have: its owner would be "unknown" until then.
+            woken = self._wake.wait(self.config.ttl)
+            self._wake.clear()
+            if woken:
+                self._stop.wait(_EARLY_REFRESH_SECONDS)
 
     def refresh(self) -> RefreshStatus:
-        """Fetch Ray's view of this node once. Called by the background thread (and directly by tests)."""
+        """Fetch the job list and Ray's view of this node once. Called by the background thread (and tests)."""
         started = self._clock.monotonic()
+        errors = []
         try:
-            if not self.node_ip:
-                raise RayStateError("this node's IP is unknown; set attribution.node_ip")
-            if self._node_id is None:
-                self._node_id = self._client.node_id(self.node_ip)
-            identities = {} if self._node_id is None else self._client.identities(self._node_id)
-            status = RefreshStatus(True, self._clock.monotonic() - started)
-            self._identities = MappingProxyType(identities)
-            self._refreshed_at = self._clock.monotonic()
+            self._refresh_jobs()
         except RayStateError as err:
-            # The node id may have changed with a Ray restart; look it up again next time.
-            self._node_id = None
-            status = RefreshStatus(False, self._clock.monotonic() - started, str(err))
-            if self._status is None or self._status.success:
-                log.warning("ray attribution unavailable: %s", err)
+            errors.append(str(err))
+        if self.config.state_api:
+            try:
+                self._refresh_state()
+            except RayStateError as err:
+                errors.append(str(err))
+        error = "; ".join(errors)
+        status = RefreshStatus(not errors, self._clock.monotonic() - started, error)
+        if errors and (self._status is None or self._status.success or self._status.error != error):
+            log.warning("ray attribution incomplete: %s", error)
         if status.success and self._status is not None and not self._status.success:
             log.info("ray attribution available again")
         self._status = status
@@ -237,6 +414,35 @@ class Attribution:
             self._refresh_count += 1
             self._refreshed.notify_all()
         return status
+
+    def _refresh_jobs(self) -> None:
+        if self._gateway is not None:
+            jobs = self._gateway.gateway_jobs()
+        elif self.config.state_api:
+            jobs = self._client.list_jobs()
+        else:
+            return
+        by_key: dict[str, JobInfo] = {}
+        for job in jobs:
+            for key in (job.job_id, job.submission_id):
+                if key:
+                    by_key[key] = job
+        self._jobs = MappingProxyType(by_key)
+        self._jobs_at = self._clock.monotonic()
+
+    def _refresh_state(self) -> None:
+        try:
+            if not self.node_ip:
+                raise RayStateError("this node's IP is unknown; set attribution.node_ip")
+            if self._node_id is None:
+                self._node_id = self._client.node_id(self.node_ip)
+            identities = {} if self._node_id is None else self._client.identities(self._node_id)
+        except RayStateError:
+            # The node id may have changed with a Ray restart; look it up again next time.
+            self._node_id = None
+            raise
+        self._identities = MappingProxyType(identities)
+        self._refreshed_at = self._clock.monotonic()
 
     def wait_for_refresh(self, count: int, timeout: float) -> bool:
         """Block until at least `count` refreshes have finished (tests and start-up use this)."""
@@ -247,27 +453,53 @@ class Attribution:
     def status(self) -> RefreshStatus | None:
         return self._status
 
+    def _fresh(self, at: float | None) -> bool:
+        return at is not None and self._clock.monotonic() - at <= self.config.ttl * _STALE_AFTER_TTLS
+
+    def _local_job(self, pid: int, start_time: str) -> _LocalJob:
+        key = (pid, start_time)
+        found = self._environ.get(key)
+        if found is None:
+            environ = _read_environ(self.proc_path, pid)
+            found = (local_job(environ) if environ is not None else None) or _NOT_RAY
+            if len(self._environ) >= _ENVIRON_CACHE_SIZE:
+                self._environ.clear()
+            self._environ[key] = found
+        return found
+
+    def job(self, key: str) -> JobInfo | None:
+        """A job of the latest job list, by job id or submission id (None once the list is stale)."""
+        return self._jobs.get(key) if key and self._fresh(self._jobs_at) else None
+
     def ray_identity(self, pid: int) -> RayIdentity | None:
-        refreshed_at = self._refreshed_at
-        if refreshed_at is None:
-            return None
-        if self._clock.monotonic() - refreshed_at > self.config.ttl * _STALE_AFTER_TTLS:
-            return None
-        identities = self._identities
-        if not identities:
-            return None
+        """The Ray job, its owner, actor and task of a process or its nearest Ray ancestor; None: not Ray's."""
+        identities = self._identities if self._fresh(self._refreshed_at) else {}
         # A process started by a Ray worker (a training subprocess, a launcher's children) belongs to the
-        # worker's job: walk up the parents until a known worker, pid 1, or the depth limit.
-        current: int | None = pid
+        # worker's job: walk up the parents until a Ray process, pid 1, or the depth limit.
+        current = pid
         for _ in range(_ANCESTOR_DEPTH + 1):
-            assert current is not None
-            found = identities.get(current)
-            if found is not None:
-                return found
-            current = _parent_pid(self.proc_path, current)
-            if current is None or current <= 1:
+            stat = _stat(self.proc_path, current)
+            local = self._local_job(current, stat[1]) if stat is not None else _NOT_RAY
+            state = identities.get(current)
+            if local is not _NOT_RAY or state is not None:
+                return self._identity(local, state)
+            if stat is None or stat[0] <= 1:
                 return None
+            current = stat[0]
         return None
+
+    def _identity(self, local: _LocalJob, state: RayIdentity | None) -> RayIdentity:
+        job_id = local.job_id or (state.job_id if state else "")
+        job = self.job(job_id) or self.job(local.submission_id)
+        if job is None and (job_id or local.submission_id) and (self._gateway is not None or self.config.state_api):
+            self._wake.set()
+        return RayIdentity(
+            job_id=job_id or (job.job_id if job else ""),
+            actor=state.actor if state else "",
+            task=state.task if state else "",
+            submission_id=local.submission_id or (job.submission_id if job else ""),
+            user=job.user if job else local.owner or UNKNOWN_OWNER,
+        )
 
     def user(self, pid: int) -> str:
         """Linux user owning /proc/<pid>; empty when the process is gone or not visible here."""

@@ -144,10 +144,10 @@ def build_agent(config: Config, clock: Clock | None = None, host: str | None = N
     sampler = Sampler(backend, HostReader(config.host.proc_path), attribution, config.collection, clock)
     registry = CollectorRegistry(auto_describe=False)
     stale_after = 3 * config.collection.interval + 2 * config.collection.call_timeout
-    registry.register(SnapshotCollector(sampler.latest, config.exporter, stale_after, clock))
+    registry.register(SnapshotCollector(sampler.latest, config.exporter, stale_after, clock, config.users))
     guard = None
     if config.guard.enabled:
-        guard = Guard(config.guard, config.attribution, clock, proc_path=config.host.proc_path)
+        guard = Guard(config.guard, config.attribution, clock, proc_path=config.host.proc_path, users=config.users)
         # The listener only updates memory and queues work; actions run in the guard's own threads.
         sampler.subscribe(guard.observe)
         registry.register(GuardCollector(guard.latest))
@@ -298,8 +298,9 @@ def render_check(snapshot: Snapshot, attribution_enabled: bool, out: TextIO) -> 
                 for k, v in (("job", p.ray_job_id), ("actor", p.ray_actor), ("task", p.ray_task))
                 if v
             )
+            linux = f" (Linux user {p.os_user})" if p.os_user and p.os_user != p.user else ""
             out.write(
-                f"  gpu {p.gpu} pid {p.pid} user {p.user or '?'} {_fmt(p.used_memory_bytes, ' MiB', 2**20)}"
+                f"  gpu {p.gpu} pid {p.pid} user {p.user or '?'}{linux} {_fmt(p.used_memory_bytes, ' MiB', 2**20)}"
                 f"{'  ' + ray if ray else ''}\n"
             )
 
@@ -322,7 +323,8 @@ def render_check(snapshot: Snapshot, attribution_enabled: bool, out: TextIO) -> 
     elif attribution is None:
         out.write("Attribution  no answer yet\n")
     else:
-        out.write(f"Attribution  {'ok' if attribution.success else 'Ray state API unavailable'}\n")
+        answer = "ok" if attribution.success else "incomplete (the job list or state API did not answer)"
+        out.write(f"Attribution  {answer}\n")
     return ok
 
 

@@ -23,9 +23,17 @@ Example (every key optional)::
       enabled: true
       dashboard_url: http://127.0.0.1:8265
       token_file: /etc/ray/auth_token   # optional; sent as "Authorization: Bearer <token>"
+      state_api: true                   # ask dashboard_url's state API for actor and task names (and, without a
+                                        # gateway, its Jobs API for the jobs' owners); false where it is unreachable
+      gateway_url: null                 # rayrack-gateway (https://HEAD:8443): the jobs' owners, with the token
+      ca_file: null                     # the CA that signed the gateway's certificate (default: system CAs)
       ttl: 10s                          # how often Ray's state is fetched
       request_timeout: 2s
       node_ip: null                     # this node's Ray address; default: the listen host
+    users:                              # the cluster's users (rayrack_users): contacts for guard notices, limits
+      - name: alice
+        contact: alice@example.org U0123ABCD   # e-mail address and/or Slack member id (ray_agent.users)
+        max_gpus: 2                     # optional; rayrack_user_max_gpus, for the over-limit alert
     exporter:
       dcgm_compat: false                # also export dcgm-exporter metric names and labels
       hostname: null                    # Hostname label of dcgm names; default: this host's name
@@ -54,6 +62,7 @@ Example (every key optional)::
       allow_job_patterns: []            # matched against submission id, job id, entrypoint, metadata name
       allow_processes: []               # matched against the process name (comm) and argv[0]'s base name
       opt_out_metadata_key: rayrack.idle_guard   # job metadata {key: "off"} opts a job out
+      notice_template: null             # the notice's wording, str.format fields (ray_agent.guard.notice)
       audit_log: /var/lib/ray-agent/guard-audit.jsonl
       state_file: /var/lib/ray-agent/guard-state.json
 """
@@ -71,6 +80,7 @@ import yaml
 
 from ray_agent.gpu.fake import ScenarioError, resolve_scenario_path
 from ray_agent.units import parse_duration
+from ray_agent.users import Contact, User, parse_contact
 
 DEFAULT_PORT = 9489
 BACKENDS = ("nvml", "fake")
@@ -129,6 +139,9 @@ class AttributionConfig:
     enabled: bool = True
     dashboard_url: str = "http://127.0.0.1:8265"
     token_file: Path | None = None
+    state_api: bool = True
+    gateway_url: str | None = None
+    ca_file: Path | None = None
     ttl: float = 10.0
     request_timeout: float = 2.0
     node_ip: str | None = None
@@ -174,6 +187,7 @@ class GuardConfig:
     allow_job_patterns: tuple[str, ...] = ()
     allow_processes: tuple[str, ...] = ()
     opt_out_metadata_key: str = "rayrack.idle_guard"
+    notice_template: str | None = None  # None: the built-in wording (ray_agent.guard.actions.DEFAULT_NOTICE)
     audit_log: Path = Path("/var/lib/ray-agent/guard-audit.jsonl")
     state_file: Path = Path("/var/lib/ray-agent/guard-state.json")
 
@@ -187,6 +201,10 @@ class Config:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     exporter: ExporterConfig = field(default_factory=ExporterConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    users: tuple[User, ...] = ()
+
+    def user(self, name: str) -> User | None:
+        return next((u for u in self.users if u.name == name), None)
 
 
 def parse_listen_address(text: str) -> ListenAddress:
@@ -328,7 +346,7 @@ def _url(value: Any) -> str:
     return value.rstrip("/")
 
 
-_SECTIONS = ("web", "collection", "gpu", "host", "attribution", "exporter", "guard")
+_SECTIONS = ("web", "collection", "gpu", "host", "attribution", "exporter", "guard", "users")
 _GUARD_KEYS = (
     "enabled",
     "dry_run",
@@ -347,6 +365,7 @@ _GUARD_KEYS = (
     "allow_job_patterns",
     "allow_processes",
     "opt_out_metadata_key",
+    "notice_template",
     "audit_log",
     "state_file",
 )
@@ -417,12 +436,25 @@ def build_config(document: Any, source: str = "<config>", base_dir: Path | None 
         source,
         "attribution",
         top.node.get("attribution"),
-        ("enabled", "dashboard_url", "token_file", "ttl", "request_timeout", "node_ip"),
+        (
+            "enabled",
+            "dashboard_url",
+            "token_file",
+            "state_api",
+            "gateway_url",
+            "ca_file",
+            "ttl",
+            "request_timeout",
+            "node_ip",
+        ),
     )
     attribution = AttributionConfig(
         enabled=att.boolean("enabled", True),
         dashboard_url=att.get("dashboard_url", AttributionConfig().dashboard_url, _url),
         token_file=att.path("token_file", base_dir),
+        state_api=att.boolean("state_api", True),
+        gateway_url=att.get("gateway_url", None, _url),
+        ca_file=att.path("ca_file", base_dir),
         ttl=att.duration("ttl", AttributionConfig().ttl, 0.1),
         request_timeout=att.duration("request_timeout", AttributionConfig().request_timeout, 0.05),
         node_ip=att.get("node_ip", None, _ip),
@@ -438,6 +470,7 @@ def build_config(document: Any, source: str = "<config>", base_dir: Path | None 
     )
 
     guard = _guard_config(source, top.node.get("guard"), base_dir, interval)
+    users = _users(source, top.node.get("users"))
 
     return Config(
         web=WebConfig(listen, tls),
@@ -447,7 +480,39 @@ def build_config(document: Any, source: str = "<config>", base_dir: Path | None 
         attribution=attribution,
         exporter=exporter,
         guard=guard,
+        users=users,
     )
+
+
+def _users(source: str, node: Any) -> tuple[User, ...]:
+    if node is None:
+        return ()
+    if not isinstance(node, list):
+        raise ConfigError(f"{source}: users: expected a list of {{name, contact, max_gpus}}, got {type(node).__name__}")
+    users: list[User] = []
+    for index, entry in enumerate(node):
+        reader = _Reader(source, f"users[{index}]", entry, ("name", "contact", "max_gpus"))
+        name = reader.string("name", None)
+        if name is None:
+            raise reader.error("name", "is required")
+        if any(u.name == name for u in users):
+            raise reader.error("name", f"{name!r} is listed twice")
+        contact = reader.get("contact", None, lambda v: parse_contact(_text(v)))
+        max_gpus = reader.get("max_gpus", None, _max_gpus)
+        users.append(User(name, contact or Contact(), max_gpus))
+    return tuple(users)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _max_gpus(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number of GPUs (0 or more), got {value!r}")
+    return value
 
 
 def _guard_config(source: str, node: Any, base_dir: Path, interval: float) -> GuardConfig:
@@ -504,9 +569,17 @@ def _guard_config(source: str, node: Any, base_dir: Path, interval: float) -> Gu
         allow_job_patterns=reader.strings("allow_job_patterns"),
         allow_processes=reader.strings("allow_processes"),
         opt_out_metadata_key=reader.string("opt_out_metadata_key", None) or defaults.opt_out_metadata_key,
+        notice_template=reader.get("notice_template", None, _notice_template),
         audit_log=reader.path("audit_log", base_dir) or defaults.audit_log,
         state_file=reader.path("state_file", base_dir) or defaults.state_file,
     )
+
+
+def _notice_template(value: Any) -> str:
+    # Imported here: the guard's wording lives with the guard, which imports this module.
+    from ray_agent.guard.notice import check_template
+
+    return check_template(_text(value))
 
 
 def _listen_from_yaml(value: Any) -> ListenAddress:

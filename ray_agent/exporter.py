@@ -38,6 +38,7 @@ from ray_agent.gpu.base import CLOCK_EVENT_REASONS, GpmSample, GpuSample
 from ray_agent.guard import GuardSnapshot
 from ray_agent.guard.tracker import GpuState
 from ray_agent.sampler import GpuStatus, Snapshot
+from ray_agent.users import User
 
 PREFIX = "rayrack_"
 _MIB = 1024 * 1024
@@ -47,7 +48,9 @@ _GPU_LABELS = ["gpu", "uuid"]
 DCGM_LABELS = ["gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "hostname", "DCGM_FI_DRIVER_VERSION"]
 # dcgm-exporter's default counters that have no NVML source with dcgm's meaning (see the module docstring).
 DCGM_NOT_FROM_NVML = ("DCGM_FI_DEV_VGPU_LICENSE_STATUS", "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL")
-PROCESS_LABELS = ["gpu", "uuid", "pid", "user", "ray_job_id", "ray_actor", "ray_task"]
+# `user` is who answers for the process: the Ray job's owner ("unknown" for a job not submitted through the
+# gateway), or the Linux user of a process outside Ray; `os_user` is always the Linux user.
+PROCESS_LABELS = ["gpu", "uuid", "pid", "user", "os_user", "ray_job_id", "ray_actor", "ray_task"]
 GUARD_STATES = tuple(state.value for state in GpuState)
 
 
@@ -382,9 +385,11 @@ class SnapshotCollector(Collector):
         config: ExporterConfig,
         stale_after: float,
         clock: Clock | None = None,
+        users: tuple[User, ...] = (),
     ) -> None:
         self._source = source
         self._config = config
+        self._users = users
         self._stale_after = stale_after
         self._clock = clock or SystemClock()
         self._hostname = config.hostname or socket.gethostname()
@@ -405,6 +410,16 @@ class SnapshotCollector(Collector):
         info = _gauge("agent_info", "Agent version; always 1.", ["version"])
         info.add_metric([__version__], 1.0)
         yield info
+        limits = _gauge(
+            "user_max_gpus",
+            "The user's GPU limit (rayrack_users max_gpus); users without a limit have no series.",
+            ["user"],
+        )
+        for user in self._users:
+            if user.max_gpus is not None:
+                limits.add_metric([user.name], user.max_gpus)
+        if limits.samples:
+            yield limits
         if snapshot is None:
             return
         groups = [
@@ -576,6 +591,7 @@ class SnapshotCollector(Collector):
                     entry.uuid,
                     str(entry.pid),
                     entry.user,
+                    entry.os_user,
                     entry.ray_job_id,
                     entry.ray_actor,
                     entry.ray_task,
@@ -583,6 +599,38 @@ class SnapshotCollector(Collector):
                 entry.used_memory_bytes,
             )
         yield memory
+
+        # Who holds each GPU, whatever the process reports about memory: the base of the accounting rules.
+        owners: dict[tuple[int, str], set[tuple[str, str]]] = {}
+        jobs: set[tuple[str, str, str]] = set()
+        for entry in snapshot.processes:
+            owners.setdefault((entry.gpu, entry.uuid), set()).add((entry.user, entry.ray_job_id))
+            if entry.ray_job_id or entry.submission_id:
+                jobs.add((entry.ray_job_id, entry.submission_id, entry.user))
+        share = _gauge(
+            "gpu_owner_share",
+            "Share of the GPU held by the user and Ray job: 1, or 1/n when n owners hold it, so shares add up to "
+            "GPUs.",
+            ["gpu", "uuid", "user", "ray_job_id"],
+        )
+        per_user: dict[str, int] = {}
+        for (gpu, uuid), holders in sorted(owners.items()):
+            for user, job in sorted(holders):
+                share.add_metric([str(gpu), uuid, user, job], 1.0 / len(holders))
+            for user in {user for user, _ in holders}:
+                per_user[user] = per_user.get(user, 0) + 1
+        yield share
+        in_use = _gauge("user_gpus", "GPUs on this node that the user's processes hold.", ["user"])
+        for user, count in sorted(per_user.items()):
+            in_use.add_metric([user], count)
+        yield in_use
+        job_info = _gauge(
+            "job_info", "A Ray job holding a GPU on this node, with its submission id and owner; always 1.",
+            ["ray_job_id", "submission_id", "user"],
+        )
+        for job_id, submission_id, user in sorted(jobs):
+            job_info.add_metric([job_id, submission_id, user], 1.0)
+        yield job_info
 
     @staticmethod
     def _host_families(snapshot: Snapshot) -> Iterator[Metric]:

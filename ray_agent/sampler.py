@@ -70,6 +70,10 @@ class GpuStatus:
 
 @dataclass(frozen=True, slots=True)
 class ProcessEntry:
+    """A process on a GPU. `user` is who answers for it: the Ray job's owner (the gateway's user, "unknown" for a
+    job not submitted through it) for a Ray process, the Linux user for any other; `os_user` is always the
+    Linux user."""
+
     gpu: int
     uuid: str
     pid: int
@@ -78,6 +82,8 @@ class ProcessEntry:
     ray_job_id: str = ""
     ray_actor: str = ""
     ray_task: str = ""
+    os_user: str = ""
+    submission_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,20 +405,26 @@ class Sampler:
             if status.sample is None or not status.sample.processes:
                 continue
             for process in status.sample.processes:
-                user = process.user
-                if user is None:
-                    user = attribution.user(process.pid) if attribution is not None else ""
-                identity = attribution.ray_identity(process.pid) if attribution is not None else None
+                os_user = process.user
+                if os_user is None:
+                    os_user = attribution.user(process.pid) if attribution is not None else ""
+                identity = (
+                    attribution.ray_identity(process.pid)
+                    if attribution is not None and attribution.enabled
+                    else None
+                )
                 entries.append(
                     ProcessEntry(
                         gpu=status.index,
                         uuid=status.uuid,
                         pid=process.pid,
                         used_memory_bytes=process.used_memory_bytes,
-                        user=user,
+                        user=identity.user if identity else os_user,
                         ray_job_id=identity.job_id if identity else "",
                         ray_actor=identity.actor if identity else "",
                         ray_task=identity.task if identity else "",
+                        os_user=os_user,
+                        submission_id=identity.submission_id if identity else "",
                     )
                 )
         return tuple(entries)

@@ -1,8 +1,8 @@
 """rayrack: operate a rayrack Ray cluster from its Ansible inventory.
 
-Exit codes: 0 success; 1 bad usage or inventory, or (status) a node not alive in Ray; 2 a host failed;
-3 a host was unreachable; 4 the run broke or was interrupted. gpu-check: 0 consistent, 1 something found,
-2 unusable input.
+Exit codes: 0 success; 1 bad usage or inventory, (status) a node not alive in Ray, or (usage) no answer from
+Prometheus; 2 a host failed; 3 a host was unreachable; 4 the run broke or was interrupted. gpu-check:
+0 consistent, 1 something found, 2 unusable input.
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="nodes, Ray state, GPUs busy/idle/free, versions, last run")
     status.add_argument("--token-file", type=Path,
                         help="the cluster token (default: <inventory>/.secrets/ray_token)")
+
+    usage = sub.add_parser("usage", help="GPU-hours, idle GPU-hours and idle share per user or Ray job (Prometheus)")
+    usage.add_argument("--since", default="7d", help="the period up to now: 30m, 12h, 7d, 4w ... (default: 7d)")
+    usage.add_argument("--by", choices=("user", "job"), default="user", help="one row per user or per Ray job")
+    usage.add_argument("--format", choices=("table", "csv", "json"), default="table", dest="fmt",
+                       help="table (default), csv or json")
 
     upgrade = sub.add_parser("upgrade", parents=[runs],
                              help="rolling upgrade to the inventory's rayrack_ray_version, head last")
@@ -113,6 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         text, code = status_text(inv, token_file, read_record(inv.directory))
         print(text)
         return code
+
+    if args.command == "usage":
+        from rayrack.usage import UsageError, parse_since, usage_text
+
+        try:
+            print(usage_text(inv, args.by, parse_since(args.since), args.fmt))
+        except UsageError as exc:
+            print(f"rayrack: {exc}", file=sys.stderr)
+            return 1
+        return 0
 
     command = args.command
     if command in ("user", "whoami"):

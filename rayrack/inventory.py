@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HEAD_GROUP, WORKER_GROUP = "ray_head", "ray_workers"
+HEAD_GROUP, WORKER_GROUP, MONITORING_GROUP = "ray_head", "ray_workers", "monitoring"
 # Role defaults the CLI needs on the controller; an inventory value wins.
 DEFAULTS: dict[str, Any] = {
     "rayrack_cluster_name": "rayrack",
@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "rayrack_prefix": "/opt/rayrack",
     "rayrack_ray_dashboard_port": 8265,
     "rayrack_agent_port": 9489,
+    "prometheus_listen_address": "127.0.0.1:9090",
     "rayrack_gateway_port": 8443,
 }
 
@@ -59,6 +60,7 @@ class Host:
 class Inventory:
     path: Path
     hosts: tuple[Host, ...]
+    monitoring: tuple[Host, ...] = ()  # the monitoring group, when the inventory has one
 
     @property
     def directory(self) -> Path:
@@ -67,6 +69,11 @@ class Inventory:
     @property
     def head(self) -> Host | None:
         return next((h for h in self.hosts if h.role == "head"), None)
+
+    @property
+    def monitoring_host(self) -> Host | None:
+        """Where Prometheus runs: the monitoring group's first host, or the head (playbooks/monitoring.yml)."""
+        return self.monitoring[0] if self.monitoring else self.head
 
     def get(self, name: str) -> Host | None:
         return next((h for h in self.hosts if h.name == name), None)
@@ -96,7 +103,8 @@ def parse_listing(path: Path, listing: Mapping[str, Any]) -> Inventory:
     workers = [h for h in _group_hosts(listing, WORKER_GROUP) if h not in heads]
     hosts = [Host(h, "head", hostvars.get(h) or {}) for h in heads]
     hosts += [Host(h, "worker", hostvars.get(h) or {}) for h in workers]
-    return Inventory(path, tuple(hosts))
+    monitoring = [Host(h, "monitoring", hostvars.get(h) or {}) for h in _group_hosts(listing, MONITORING_GROUP)]
+    return Inventory(path, tuple(hosts), tuple(monitoring))
 
 
 def load(path: Path) -> Inventory:

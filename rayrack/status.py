@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shlex
-import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rayrack.inventory import Host, Inventory
 from rayrack.progress import format_duration
+from rayrack.remote import run_python
 
 # Runs on every node with its system python3, as the SSH user (no sudo): the unit, the Ray venv's marker,
 # the agent's /metrics and, on the head, Ray's view (the token arrives on stdin, never on a command line).
@@ -213,21 +211,8 @@ def probe_node(host: Host, token: str) -> dict[str, Any]:
     unit = "ray-head" if host.role == "head" else "ray-worker"
     venv = str(host.setting("rayrack_venv_dir") or f"{host.setting('rayrack_prefix')}/venv")
     api = f"http://127.0.0.1:{host.setting('rayrack_ray_dashboard_port')}" if host.role == "head" else ""
-    remote = " ".join(["python3", "-c", _quote(NODE_PROBE), unit, _quote(venv), host.address,
-                       str(host.setting("rayrack_agent_port")), _quote(api)])
-    try:
-        result = subprocess.run(host.ssh_command(remote), input=token if api else "", capture_output=True,
-                                text=True, timeout=60, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": "no answer in 60s"}
-    for line in result.stdout.splitlines():
-        if line.startswith("RAYRACK-PROBE "):
-            return json.loads(line.removeprefix("RAYRACK-PROBE "))
-    return {"error": (result.stderr.strip().splitlines() or [f"ssh exited {result.returncode}"])[-1]}
-
-
-def _quote(text: str) -> str:
-    return shlex.quote(text) if text else "''"
+    args = [unit, venv, host.address, str(host.setting("rayrack_agent_port")), api]
+    return run_python(host, NODE_PROBE, args, input_text=token if api else "")
 
 
 def collect(inventory: Inventory, token_file: Path) -> dict[str, dict[str, Any]]:

@@ -151,7 +151,12 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict[str, Any
 NODE = variable("node", "Node", "label_values(rayrack_up, node)")
 GPU_NODE = variable("node", "Node", "label_values(rayrack_gpu_up, node)")
 GPU = variable("gpu", "GPU", 'label_values(rayrack_gpu_up{node=~"$node"}, gpu)')
-USER = variable("user", "User", "label_values(rayrack_gpu_idle_seconds_total, user)")
+# Users who held GPUs in the dashboard's range (job owners through the gateway, "unknown" for jobs around it,
+# Linux users outside Ray).
+USER = variable("user", "User", "label_values(rayrack_gpu_owner_share, user)")
+# GPU-hours over the dashboard's range from the accounting rules (GPUs held at each evaluation): a 1-minute
+# subquery makes it independent of the rules' evaluation interval.
+GPU_HOURS = "sum_over_time({series}[$__range:1m]) / 60"
 
 
 def cluster_overview() -> dict[str, Any]:
@@ -318,8 +323,54 @@ def idle_waste() -> dict[str, Any]:
                 "max by (node) (rayrack_guard_idle_run_seconds)", "{{node}}")], "s"),
             table("GPU memory held by user and Ray job",
                   f"sum by (user, ray_job_id) (rayrack_gpu_process_memory_used_bytes{{{user}}})", "bytes"),
+            table("Idle share of held GPU-hours by user, dashboard range",
+                  f"{GPU_HOURS.format(series=f'user:rayrack_gpus_idle_held:sum{{{user}}}')}"
+                  f" / {GPU_HOURS.format(series=f'user:rayrack_gpus_allocated:sum{{{user}}}')}", "percentunit",
+                  "GPU-hours held idle (the guard's idle_held) over all GPU-hours held; guarded nodes only count "
+                  "as idle."),
+            series("GPUs idle-held by user", [target(f"user:rayrack_gpus_idle_held:sum{{{user}}}", "{{user}}")],
+                   description="GPUs in the guard's idle_held state, shared among their owners."),
             table("Guard actions by stage and outcome, last day",
                   "sum by (stage, action, outcome) (increase(rayrack_guard_actions_total[1d]))", "short"),
+        ],
+        [USER],
+        time_from="now-24h",
+    )
+
+
+def my_jobs() -> dict[str, Any]:
+    user = 'user=~"$user"'
+    held = f"rayrack_gpu_owner_share{{{user}}}"
+    return dashboard(
+        "rayrack-my-jobs",
+        "rayrack / My jobs",
+        "The GPUs of $user's Ray jobs: what they hold, how busy those GPUs are, what sits idle, and GPU-hours used.",
+        [
+            stat("GPUs held now", f"sum(user:rayrack_gpus_allocated:sum{{{user}}})", width=6,
+                 description="GPUs held by the user's processes; a GPU shared by n owners counts 1/n."),
+            stat("GPUs idle-held now", f"sum(user:rayrack_gpus_idle_held:sum{{{user}}})", width=6,
+                 description="Of those, held but idle for the idle guard's whole window."),
+            stat("GPU-hours, dashboard range",
+                 f"sum({GPU_HOURS.format(series=f'user:rayrack_gpus_allocated:sum{{{user}}}')})", "h", width=6),
+            stat("Idle GPU-hours, dashboard range",
+                 f"sum({GPU_HOURS.format(series=f'user:rayrack_gpus_idle_held:sum{{{user}}}')})", "h", width=6),
+            table("Jobs holding GPUs, dashboard range",
+                  f"group by (ray_job_id, submission_id, user) (last_over_time(job:rayrack_job_info:group{{{user}}}"
+                  "[$__range]))", "short", "The Ray jobs with their submission ids.", width=12),
+            table("GPU-hours by Ray job, dashboard range",
+                  "sum by (user, ray_job_id) ("
+                  f"{GPU_HOURS.format(series=f'user_job:rayrack_gpus_allocated:sum{{{user}}}')})", "h", width=12),
+            series("Utilisation of the GPUs held", [target(
+                f"rayrack_gpu_utilization_ratio and on (instance, gpu) {held}", "{{node}} GPU {{gpu}}")],
+                "percentunit"),
+            series("GPU memory used by the user's processes", [target(
+                f"sum by (node, gpu, ray_job_id) (rayrack_gpu_process_memory_used_bytes{{{user}}})",
+                "{{node}} GPU {{gpu}} {{ray_job_id}}")], "bytes"),
+            series("GPUs held by Ray job", [target(
+                f"user_job:rayrack_gpus_allocated:sum{{{user}}}", "{{user}} {{ray_job_id}}")]),
+            series("GPUs idle-held by Ray job", [target(
+                f"user_job:rayrack_gpus_idle_held:sum{{{user}}}", "{{user}} {{ray_job_id}}")],
+                description="Held but idle for the idle guard's whole window (nodes with the guard)."),
         ],
         [USER],
         time_from="now-24h",
@@ -331,6 +382,7 @@ DASHBOARDS = {
     "node-detail.json": node_detail,
     "gpu-detail.json": gpu_detail,
     "idle-waste.json": idle_waste,
+    "my-jobs.json": my_jobs,
 }
 
 

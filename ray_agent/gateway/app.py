@@ -1,6 +1,6 @@
 """The aiohttp application: authenticate, apply the ownership rules, forward to Ray's Jobs API.
 
-What reaches Ray is built from scratch for every request (`_upstream_headers`): a short list of content
+What reaches Ray is built from scratch for every request (`Upstream.headers`): a short list of content
 headers copied from the client, plus the cluster token. The client's Authorization, X-Ray-Authorization and
 cookies are never among them, so a user token cannot reach Ray, and Ray's answers never set cookies here
 (the upstream session keeps none).
@@ -18,22 +18,25 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 
 from ray_agent.gateway.users import User, Users
+from ray_agent.users import OWNER_METADATA_KEY as OWNER_KEY
+from ray_agent.users import UNKNOWN_OWNER, job_owner
 
 log = logging.getLogger("ray_agent.gateway")
 
-OWNER_KEY = "rayrack.user"
-UNKNOWN_OWNER = "unknown"
 # Copied from the client to Ray; everything else (auth headers, cookies, hop-by-hop headers) is dropped.
 _FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "User-Agent")
-_FORWARDED_RESPONSE_HEADERS = ("Content-Type",)
+_FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Content-Encoding")
 _SUBMISSION_ALPHABET = string.ascii_letters + string.digits
 # Submit bodies are small; package uploads are streamed and not bound by this.
 _MAX_BODY = 16 * 1024 * 1024
+# Answers up to this size are read whole and sent in one piece; larger ones (logs) are streamed.
+_BUFFERED = 1024 * 1024
 
 _CALLER = "rayrack.caller"  # request key: the Caller, set once the token is checked
 
@@ -114,9 +117,19 @@ def _bearer(request: web.Request) -> str | None:
 
 
 def _owner(job: Any) -> str:
-    metadata = job.get("metadata") if isinstance(job, dict) else None
-    owner = metadata.get(OWNER_KEY) if isinstance(metadata, dict) else None
-    return owner if isinstance(owner, str) and owner else UNKNOWN_OWNER
+    return job_owner(job.get("metadata") if isinstance(job, dict) else None)
+
+
+def upstream_path(request: web.Request) -> str:
+    """The path asked of Ray: the route's pattern with each part quoted whole, query kept.
+
+    Built, not copied, so the job whose owner was checked is the job acted on: an id holding an encoded "/"
+    or ".." cannot name one job to the check and another to Ray.
+    """
+    parts = {key: quote(value, safe="") for key, value in request.match_info.items()}
+    path = request.match_info.route.resource.canonical.format(**parts)  # type: ignore[union-attr]
+    query = request.rel_url.raw_query_string
+    return f"{path}?{query}" if query else path
 
 
 def new_submission_id(user: str) -> str:
@@ -152,15 +165,17 @@ class Gateway:
         """Send the request to Ray as it came (path, query, method, body) and stream the answer back."""
         session = self.upstream.session
         assert session is not None
-        url = self.upstream.url + request.rel_url.raw_path_qs
+        url = self.upstream.url + upstream_path(request)
         headers = self.upstream.headers(request, extra)
         async with session.request(request.method, url, headers=headers, data=body) as resp:
-            out = web.StreamResponse(status=resp.status, reason=resp.reason)
-            for name in _FORWARDED_RESPONSE_HEADERS:
-                if name in resp.headers:
-                    out.headers[name] = resp.headers[name]
-            if "Content-Encoding" in resp.headers:
-                out.headers["Content-Encoding"] = resp.headers["Content-Encoding"]
+            response_headers = {
+                name: resp.headers[name] for name in _FORWARDED_RESPONSE_HEADERS if name in resp.headers
+            }
+            if resp.content_length is not None and resp.content_length <= _BUFFERED:
+                # Most answers are a few kilobytes of JSON: one write is cheaper than a stream.
+                return web.Response(status=resp.status, reason=resp.reason, body=await resp.read(),
+                                    headers=response_headers)  # fmt: skip
+            out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers)
             if resp.content_length is not None:
                 out.content_length = resp.content_length
             await out.prepare(request)
@@ -171,7 +186,7 @@ class Gateway:
 
     async def job_and_owner(self, job_id: str) -> tuple[web.Response | None, str]:
         """The owner of a job, or Ray's own answer (404 and the like) to relay when it cannot be read."""
-        status, job, raw = await self.upstream.get_json(f"/api/jobs/{job_id}")
+        status, job, raw = await self.upstream.get_json(f"/api/jobs/{quote(job_id, safe='')}")
         if job is None:
             return web.Response(status=status, body=raw), UNKNOWN_OWNER
         return None, _owner(job)
@@ -255,7 +270,7 @@ class Gateway:
             return refused
         session = self.upstream.session
         assert session is not None
-        url = self.upstream.url + request.rel_url.raw_path_qs
+        url = self.upstream.url + upstream_path(request)
         try:
             upstream_ws = await session.ws_connect(
                 url,
@@ -315,31 +330,29 @@ def _summary(job: dict[str, Any]) -> dict[str, Any]:
 async def _relay(upstream: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse) -> None:
     """Copy messages both ways until one side closes, then close the other with the same code."""
 
-    async def down() -> None:
-        async for msg in upstream:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                await client.send_str(msg.data)
-            elif msg.type == aiohttp.WSMsgType.BINARY:
-                await client.send_bytes(msg.data)
-        await client.close(code=upstream.close_code or aiohttp.WSCloseCode.OK)
-
     async def up() -> None:
         async for msg in client:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 await upstream.send_str(msg.data)
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 await upstream.send_bytes(msg.data)
-        await upstream.close()
+        await upstream.close()  # the client left: this ends the loop below
 
-    tasks = [asyncio.ensure_future(down()), asyncio.ensure_future(up())]
+    upward = asyncio.ensure_future(up())
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        async for msg in upstream:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await client.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await client.send_bytes(msg.data)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if not client.closed:
-            await client.close()
+        # No reader may be waiting on the client when it is closed: close() then waits for the client's own
+        # close frame. Otherwise the TLS connection ends at once, and the client's answer fails on a closing
+        # transport, which Ray's SDK reports as an abnormal closure (1006) of a job that finished well.
+        upward.cancel()
+        await asyncio.gather(upward, return_exceptions=True)
+    if not client.closed:
+        await client.close(code=upstream.close_code or aiohttp.WSCloseCode.OK)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -375,6 +388,8 @@ def build_app(users: Users, upstream: Upstream) -> web.Application:
             caller = gateway.authenticate(request, allow_cluster)
             if caller is None:
                 return _unauthorized()
+            if any(value in (".", "..") for value in request.match_info.values()):
+                return _json(404, {"error": "not found"})  # a dot segment would climb out of the route
             request[_CALLER] = caller
             return await handler(request)
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+from ray_agent.users import USER_NAME
+
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _USER_KEYS = ("name", "token_sha256", "admin", "max_gpus", "contact")
 
@@ -72,8 +73,8 @@ def parse_users(document: Any, source: str) -> Users:
         if unknown:
             raise error(f"{where}.{unknown[0]}", f"unknown key; allowed keys: {', '.join(_USER_KEYS)}")
         name = item.get("name")
-        if not isinstance(name, str) or not NAME.match(name):
-            raise error(f"{where}.name", f"must match {NAME.pattern}, got {name!r}")
+        if not isinstance(name, str) or not USER_NAME.match(name):
+            raise error(f"{where}.name", f"must match {USER_NAME.pattern}, got {name!r}")
         if name in seen:
             raise error(f"{where}.name", f"{name!r} is also users[{seen[name]}]")
         seen[name] = index

@@ -20,12 +20,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ray_agent.attribution import RayStateClient
 from ray_agent.clock import Clock, SystemClock
 from ray_agent.config import AttributionConfig, GuardConfig
-from ray_agent.guard.actions import ActionRunner, RayJobsClient, Webhook
+from ray_agent.guard.actions import ActionRunner, Webhook
 from ray_agent.guard.audit import AuditLog
 from ray_agent.guard.tracker import Escalation, GpuTrack, StateFile, Tracker
 from ray_agent.sampler import Snapshot
+from ray_agent.users import User
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class Guard:
         clock: Clock | None = None,
         host: str | None = None,
         proc_path: Path = Path("/proc"),
+        users: tuple[User, ...] = (),
     ) -> None:
         self.config = config
         self._clock = clock or SystemClock()
@@ -67,8 +70,10 @@ class Guard:
         self._latest = self._build_snapshot()
 
         jobs = (
-            RayJobsClient(attribution.dashboard_url, attribution.token_file, config.request_timeout)
-            if attribution.enabled
+            RayStateClient(
+                attribution.dashboard_url, attribution.token_file, config.request_timeout, attribution.ca_file
+            )
+            if attribution.enabled and attribution.state_api
             else None
         )
         self.runner = ActionRunner(
@@ -80,6 +85,7 @@ class Guard:
             proc_path,
             self._clock.time,
             self._stop,
+            users,
         )
         self._escalations: queue.Queue[Escalation | None] = queue.Queue()
         self._state_lock = threading.Condition()

@@ -19,13 +19,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from ray_agent.attribution import RayStateError, read_token
+from ray_agent.attribution import JobInfo, RayStateClient, RayStateError
 from ray_agent.config import GuardConfig
+from ray_agent.guard import notice
 from ray_agent.guard.audit import DONE, DRY_RUN, FAILED, SKIPPED, rfc3339
-from ray_agent.guard.policy import JOB_ACTIVE, JobInfo, Policy, ProcessName, process_name
+from ray_agent.guard.policy import JOB_ACTIVE, Policy, ProcessName, process_name
 from ray_agent.guard.tracker import STAGES, Escalation, Holder
+from ray_agent.users import Contact, User
 
 log = logging.getLogger(__name__)
 
@@ -107,65 +108,6 @@ class Webhook:
                 last = str(getattr(err, "reason", err))
                 self._on_failed_attempt()
         raise ActionError(f"webhook failed after {self.retries + 1} attempt(s): {last}")
-
-
-# --- Ray Jobs API ---------------------------------------------------------------------------------
-
-
-class RayJobsClient:
-    """The Ray Jobs REST API subset the guard needs: `GET /api/jobs/` and `POST /api/jobs/<id>/stop`."""
-
-    def __init__(self, dashboard_url: str, token_file: Path | None, timeout: float) -> None:
-        self.dashboard_url = dashboard_url.rstrip("/")
-        self.token_file = token_file
-        self.timeout = timeout
-
-    def _request(self, method: str, path: str) -> Any:
-        request = urllib.request.Request(f"{self.dashboard_url}{path}", method=method)
-        try:
-            token = read_token(self.token_file)
-        except RayStateError as err:
-            raise ActionError(str(err)) from None
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as err:
-            hint = " (is the token right?)" if err.code in (401, 403) else ""
-            raise ActionError(f"{method} {path}: HTTP {err.code}{hint}") from None
-        except (urllib.error.URLError, OSError) as err:
-            raise ActionError(f"{method} {path}: {getattr(err, 'reason', err)}") from None
-        except ValueError as err:
-            raise ActionError(f"{method} {path}: response is not JSON: {err}") from None
-
-    def list_jobs(self) -> list[JobInfo]:
-        rows = self._request("GET", "/api/jobs/")
-        if not isinstance(rows, list):
-            raise ActionError("GET /api/jobs/: expected a list of jobs")
-        jobs = []
-        for row in rows:
-            if not isinstance(row, dict):
-                continue
-            metadata = row.get("metadata") or {}
-            jobs.append(
-                JobInfo(
-                    job_id=str(row.get("job_id") or ""),
-                    submission_id=str(row.get("submission_id") or ""),
-                    type=str(row.get("type") or ""),
-                    status=str(row.get("status") or ""),
-                    entrypoint=str(row.get("entrypoint") or ""),
-                    metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
-                )
-            )
-        return jobs
-
-    def stop(self, submission_id: str) -> bool:
-        """True when Ray stopped a running job, False when it was no longer running."""
-        answer = self._request("POST", f"/api/jobs/{quote(submission_id, safe='')}/stop")
-        if not isinstance(answer, dict) or not isinstance(answer.get("stopped"), bool):
-            raise ActionError('POST stop: expected {"stopped": true|false}')
-        return answer["stopped"]
 
 
 # --- processes ------------------------------------------------------------------------------------
@@ -258,15 +200,17 @@ class ActionRunner:
     def __init__(
         self,
         config: GuardConfig,
-        jobs: RayJobsClient | None,
+        jobs: RayStateClient | None,
         webhook: Webhook,
         record: Callable[[dict[str, Any]], None],
         host: str,
         proc_path: Path = Path("/proc"),
         clock_time: Callable[[], float] = time.time,
         stop: threading.Event | None = None,
+        users: tuple[User, ...] = (),
     ) -> None:
         self.config = config
+        self.contacts = {u.name: u.contact for u in users}
         self.policy = Policy(config)
         self.jobs_client = jobs
         self.webhook = webhook
@@ -287,7 +231,7 @@ class ActionRunner:
             return self._jobs_cache[1], ""
         try:
             jobs = {j.job_id: j for j in self.jobs_client.list_jobs() if j.job_id}
-        except ActionError as err:
+        except RayStateError as err:
             log.warning("idle guard: Ray Jobs API unavailable: %s", err)
             return {}, str(err)
         self._jobs_cache = (now, jobs)
@@ -317,9 +261,10 @@ class ActionRunner:
                 "uuid": escalation.uuid,
                 "pid": holder.pid,
                 "user": holder.user,
+                "os_user": holder.os_user,
                 "process": (name.comm or name.argv0) if name else "",
                 "ray_job_id": holder.ray_job_id,
-                "submission_id": job.submission_id if job else "",
+                "submission_id": job.submission_id if job else holder.submission_id,
                 "ray_actor": holder.ray_actor,
                 "ray_task": holder.ray_task,
                 "stage": escalation.stage,
@@ -373,38 +318,59 @@ class ActionRunner:
                 return name, max(0.0, delay - current)
         return None
 
+    def _contact(self, holder: Holder) -> Contact:
+        return self.contacts.get(holder.user, Contact())
+
     def _text(self, context: _Context, targets: list[Holder]) -> str:
         escalation = context.escalation
-        who = "; ".join(self._describe(context, h) for h in targets)
-        text = (
-            f"GPU {escalation.gpu} ({escalation.uuid}) on {self.host} has been idle for "
-            f"{_human(escalation.idle_seconds)} while held by {who}."
-        )
         following = self._next_stage(escalation.stage)
+        after = ""
         if following is not None:
             verb = {"stop": "its Ray job will be stopped", "kill": "the process will be killed"}[following[0]]
-            text += f" If it stays idle, {verb} in {_human(following[1])}."
-        if self.config.dry_run and following is not None:
-            text += " (dry-run: nothing will actually be stopped)"
-        return text
+            after = f" If it stays idle, {verb} in {_human(following[1])}."
+            if self.config.dry_run:
+                after += " (dry-run: nothing will actually be stopped)"
+        owners = list(dict.fromkeys(h.user or "unknown user" for h in targets))
+        mentions = list(dict.fromkeys(m for m in (self._contact(h).mention for h in targets) if m))
+        return notice.render(
+            self.config.notice_template,
+            {
+                "gpu": str(escalation.gpu),
+                "uuid": escalation.uuid,
+                "host": self.host,
+                "idle": _human(escalation.idle_seconds),
+                "holders": "; ".join(self._describe(context, h) for h in targets),
+                "owners": ", ".join(owners),
+                "mentions": " ".join(mentions),
+                "next": after,
+            },
+        )
 
-    @staticmethod
-    def _describe(context: _Context, holder: Holder) -> str:
+    def _describe(self, context: _Context, holder: Holder) -> str:
         parts = [f"pid {holder.pid}"]
-        if holder.ray_job_id:
+        if holder.ray_job_id or holder.submission_id:
             job = context.jobs.get(holder.ray_job_id)
+            submission = job.submission_id if job and job.submission_id else holder.submission_id
             parts.append(
-                f"Ray job {holder.ray_job_id}" + (f" ({job.submission_id})" if job and job.submission_id else "")
+                f"Ray job {holder.ray_job_id or '?'}" + (f" ({submission})" if submission else "")
             )
         if holder.ray_actor:
             parts.append(f"actor {holder.ray_actor}")
         if holder.ray_task:
             parts.append(f"task {holder.ray_task}")
-        return f"{holder.user or 'unknown user'} ({', '.join(parts)})"
+        if holder.os_user and holder.os_user != holder.user:
+            parts.append(f"Linux user {holder.os_user}")
+        mention = self._contact(holder).mention
+        who = holder.user or "unknown user"
+        return f"{who}{' ' + mention if mention else ''} ({', '.join(parts)})"
 
     def _payload(self, context: _Context, targets: list[Holder], text: str) -> dict[str, Any]:
         escalation = context.escalation
         following = self._next_stage(escalation.stage)
+        owners = []
+        for name in dict.fromkeys(h.user for h in targets if h.user):
+            contact = self.contacts.get(name, Contact())
+            owners.append({"user": name, "email": contact.email, "slack_member_id": contact.slack_member_id})
         return {
             "text": text,
             "host": self.host,
@@ -416,12 +382,18 @@ class ActionRunner:
             "next_stage": following[0] if following else None,
             "next_stage_in_seconds": following[1] if following else None,
             "dry_run": self.config.dry_run,
+            # Who to tell: the owners with their contacts; `emails` for a mail route that wants addresses only.
+            "owners": owners,
+            "emails": [o["email"] for o in owners if o["email"]],
             "holders": [
                 {
                     "pid": h.pid,
                     "user": h.user,
+                    "os_user": h.os_user,
                     "ray_job_id": h.ray_job_id,
-                    "submission_id": (context.jobs[h.ray_job_id].submission_id if h.ray_job_id in context.jobs else ""),
+                    "submission_id": (
+                        context.jobs[h.ray_job_id].submission_id if h.ray_job_id in context.jobs else h.submission_id
+                    ),
                     "ray_actor": h.ray_actor,
                     "ray_task": h.ray_task,
                 }
@@ -448,7 +420,7 @@ class ActionRunner:
         if not holder.ray_job_id:
             return SKIPPED, "process is not attributed to a Ray job"
         if self.jobs_client is None:
-            return SKIPPED, "attribution is disabled, so the Jobs API is not configured"
+            return SKIPPED, "the Jobs API is not reachable from this node (attribution off or state_api false)"
         if context.jobs_error:
             return FAILED, f"Jobs API unavailable, cannot check the job's opt-out: {context.jobs_error}"
         job = context.jobs.get(holder.ray_job_id)
@@ -462,12 +434,12 @@ class ActionRunner:
             return DRY_RUN, f"would stop submission {job.submission_id}"
         if job.submission_id not in stopped:
             try:
-                if self.jobs_client.stop(job.submission_id):
+                if self.jobs_client.stop_job(job.submission_id):
                     result = (DONE, f"stopped submission {job.submission_id}")
                 else:
                     result = (SKIPPED, f"submission {job.submission_id} was no longer running")
                 self._jobs_cache = None  # the job's status changed
-            except ActionError as err:
+            except RayStateError as err:
                 result = (FAILED, str(err))
             stopped[job.submission_id] = result
         return stopped[job.submission_id]
@@ -486,9 +458,9 @@ class ActionRunner:
                 outcome, reason = JOB_ACTIVE, active
             elif holder.ray_job_id and context.jobs_error:
                 outcome, reason = FAILED, f"Jobs API unavailable, cannot check the job's opt-out: {context.jobs_error}"
-            elif _process_user(holder.pid, self.proc_path) != holder.user:
+            elif _process_user(holder.pid, self.proc_path) != holder.os_user:
                 # Gone, or the pid now belongs to someone else: never signal a stranger.
-                outcome, reason = SKIPPED, f"pid {holder.pid} is gone or no longer owned by {holder.user}"
+                outcome, reason = SKIPPED, f"pid {holder.pid} is gone or no longer owned by {holder.os_user}"
             elif self.config.dry_run:
                 outcome, reason = DRY_RUN, f"would send SIGTERM to pid {holder.pid}, SIGKILL after {grace:g}s"
             else:

@@ -3,12 +3,15 @@
 Each record::
 
     {"time": "2025-01-01T12:00:00.000Z", "gpu": 1, "uuid": "GPU-...", "pid": 4242, "user": "alice",
-     "process": "python", "ray_job_id": "02000000", "submission_id": "raysubmit_...", "ray_actor": "Trainer",
-     "ray_task": "Trainer.fit", "stage": "stop", "action": "ray_job_stop", "outcome": "dry_run",
-     "reason": "would stop submission raysubmit_...", "idle_seconds": 1830.0, "dry_run": true}
+     "os_user": "ray", "process": "python", "ray_job_id": "02000000", "submission_id": "alice-raysubmit_...",
+     "ray_actor": "Trainer", "ray_task": "Trainer.fit", "stage": "stop", "action": "ray_job_stop",
+     "outcome": "dry_run", "reason": "would stop submission alice-raysubmit_...", "idle_seconds": 1830.0,
+     "dry_run": true}
 
-``stage`` is notify, stop or kill. ``action`` is log or webhook (notify), ray_job_stop (stop), sigterm or
-sigkill (kill: the last signal sent). ``outcome`` is one of :data:`OUTCOMES`.
+``user`` is the owner (the Ray job's gateway user, "unknown" for a job not submitted through the gateway, or
+the Linux user of a process outside Ray), ``os_user`` the Linux user. ``stage`` is notify, stop or kill.
+``action`` is log or webhook (notify), ray_job_stop (stop), sigterm or sigkill (kill: the last signal sent).
+``outcome`` is one of :data:`OUTCOMES`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ FIELDS = (
     "uuid",
     "pid",
     "user",
+    "os_user",
     "process",
     "ray_job_id",
     "submission_id",

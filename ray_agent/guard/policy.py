@@ -3,8 +3,8 @@
 The checks run per holding process, in this order, and the first that applies decides the outcome:
 
 1. ``allow_listed``: the process's user, name, or Ray job matches an allow list (fnmatch patterns).
-   Users match ``allow_users``; the process name (``comm``) or the base name of ``argv[0]`` match
-   ``allow_processes``; the job's submission id, job id, entrypoint, or ``metadata["name"]`` match
+   The Linux user or the job's owner matches ``allow_users``; the process name (``comm``) or the base name of
+   ``argv[0]`` match ``allow_processes``; the job's submission id, job id, entrypoint, or ``metadata["name"]`` match
    ``allow_job_patterns``.
 2. ``opted_out``: the job's metadata has ``opt_out_metadata_key`` set to off/false/no/disabled
    (``ray job submit --metadata-json '{"rayrack.idle_guard": "off"}'``).
@@ -17,11 +17,11 @@ Whatever is exempt is still counted in the idle-seconds bill and audited.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from ray_agent.attribution import JobInfo
 from ray_agent.config import GuardConfig
 from ray_agent.guard.tracker import Escalation, Holder
 
@@ -30,18 +30,6 @@ OPT_OUT_VALUES = frozenset({"off", "false", "no", "disabled"})
 ALLOW_LISTED = "allow_listed"
 OPTED_OUT = "opted_out"
 JOB_ACTIVE = "job_active"
-
-
-@dataclass(frozen=True, slots=True)
-class JobInfo:
-    """One row of the Ray Jobs API's job list (`GET /api/jobs/`)."""
-
-    job_id: str
-    submission_id: str
-    type: str  # SUBMISSION (stoppable through the Jobs API) or DRIVER (ray.init() scripts)
-    status: str
-    entrypoint: str = ""
-    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +67,10 @@ class Policy:
     def exemption(self, holder: Holder, name: ProcessName, job: JobInfo | None) -> tuple[str, str] | None:
         """(outcome, reason) when this process must be left alone whatever the stage, else None."""
         config = self.config
-        pattern = _matches(config.allow_users, holder.user)
-        if pattern:
-            return ALLOW_LISTED, f"user {holder.user} matches allow_users {pattern!r}"
+        for user in dict.fromkeys(u for u in (holder.os_user, holder.user) if u):
+            pattern = _matches(config.allow_users, user)
+            if pattern:
+                return ALLOW_LISTED, f"user {user} matches allow_users {pattern!r}"
         pattern = _matches(config.allow_processes, name.comm, name.argv0)
         if pattern:
             return ALLOW_LISTED, f"process {name.comm or name.argv0} matches allow_processes {pattern!r}"

@@ -67,15 +67,26 @@ class Holder:
     """A process holding a GPU, with what attribution knew about it when the snapshot was taken."""
 
     pid: int
-    user: str
+    user: str  # the owner (see ray_agent.sampler.ProcessEntry)
     ray_job_id: str = ""
     ray_actor: str = ""
     ray_task: str = ""
     used_memory_bytes: int | None = None
+    os_user: str = ""
+    submission_id: str = ""
 
     @classmethod
     def of(cls, entry: ProcessEntry) -> Holder:
-        return cls(entry.pid, entry.user, entry.ray_job_id, entry.ray_actor, entry.ray_task, entry.used_memory_bytes)
+        return cls(
+            entry.pid,
+            entry.user,
+            entry.ray_job_id,
+            entry.ray_actor,
+            entry.ray_task,
+            entry.used_memory_bytes,
+            entry.os_user or entry.user,
+            entry.submission_id,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from ray_agent.config import (
     load_config,
     parse_listen_address,
 )
+from ray_agent.users import Contact, parse_contact
 
 
 def test_defaults() -> None:
@@ -40,6 +41,26 @@ def test_full_example_from_the_docstring(tmp_path: Path) -> None:
     assert config.web.tls is not None and config.web.tls.client_ca_file == Path("/etc/ray-agent/ca.crt")
     assert config.gpu.backend == "nvml"
     assert config.attribution.token_file == Path("/etc/ray/auth_token")
+    alice = config.user("alice")
+    assert alice is not None and alice.max_gpus == 2
+    assert (alice.contact.email, alice.contact.slack_member_id, alice.contact.mention) == (
+        "alice@example.org",
+        "U0123ABCD",
+        "<@U0123ABCD>",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "email", "member"),
+    [
+        ("alice@example.org", "alice@example.org", ""),
+        ("U0123ABCD", "", "U0123ABCD"),
+        ("U0123ABCD  alice@example.org", "alice@example.org", "U0123ABCD"),
+        ("", "", ""),
+    ],
+)
+def test_contacts(text: str, email: str, member: str) -> None:
+    assert parse_contact(text) == Contact(email, member)
 
 
 @pytest.mark.parametrize(
@@ -91,6 +112,16 @@ def test_full_example_from_the_docstring(tmp_path: Path) -> None:
         ),
         ({"exporter": {"dcgm_compat": 1}}, r"exporter\.dcgm_compat: expected true or false"),
         ({"exporter": []}, r"exporter: expected a mapping"),
+        ({"users": {"alice": {}}}, r"users: expected a list"),
+        ({"users": [{"contact": "a@b.org"}]}, r"users\[0\]\.name: is required"),
+        ({"users": [{"name": "a"}, {"name": "a"}]}, r"users\[1\]\.name: 'a' is listed twice"),
+        ({"users": [{"name": "a", "admin": True}]}, r"users\[0\]\.admin: unknown key"),
+        ({"users": [{"name": "a", "contact": "@alice"}]}, r"users\[0\]\.contact: must be .*; got '@alice'"),
+        ({"users": [{"name": "a", "contact": "U0123ABCD U0999ZZZZ"}]}, r"users\[0\]\.contact: .*one of each.*U0999"),
+        ({"users": [{"name": "a", "max_gpus": -1}]}, r"users\[0\]\.max_gpus: expected a whole number"),
+        ({"guard": {"notice_template": "{user} idles"}}, r"guard\.notice_template: unknown field \{user\}"),
+        ({"guard": {"notice_template": "GPU {gpu"}}, r"guard\.notice_template: not a valid format string"),
+        ({"attribution": {"gateway_url": "head:8443"}}, r"attribution\.gateway_url: expected an http\(s\) URL"),
     ],
 )
 def test_errors_name_the_key(document: dict, message: str) -> None:

@@ -81,12 +81,19 @@ def test_golden_content_follows_the_rules() -> None:
     ]
     # No hostname label on native names.
     assert "hostname" not in body.lower()
+    # Processes outside Ray: the user who answers for them is their Linux user.
     assert metric_lines(body, "rayrack_gpu_process_memory_used_bytes") == [
-        'rayrack_gpu_process_memory_used_bytes{gpu="0",pid="1001",ray_actor="",ray_job_id="",ray_task="",'
-        'user="alice",uuid="GPU-11111111-2222-3333-4444-555555555555"} 2.147483648e+10',
-        'rayrack_gpu_process_memory_used_bytes{gpu="0",pid="1002",ray_actor="",ray_job_id="",ray_task="",'
-        'user="bob",uuid="GPU-11111111-2222-3333-4444-555555555555"} 1.073741824e+09',
+        'rayrack_gpu_process_memory_used_bytes{gpu="0",os_user="alice",pid="1001",ray_actor="",ray_job_id="",'
+        'ray_task="",user="alice",uuid="GPU-11111111-2222-3333-4444-555555555555"} 2.147483648e+10',
+        'rayrack_gpu_process_memory_used_bytes{gpu="0",os_user="bob",pid="1002",ray_actor="",ray_job_id="",'
+        'ray_task="",user="bob",uuid="GPU-11111111-2222-3333-4444-555555555555"} 1.073741824e+09',
     ]
+    # Two owners share GPU 0: half each, and one GPU in use for each of them.
+    assert sample_value(body, "rayrack_gpu_owner_share", gpu="0", user="alice", ray_job_id="") == 0.5
+    assert sample_value(body, "rayrack_user_gpus", user="bob") == 1
+    # Limits from the configuration's users: alice has one, bob none.
+    assert sample_value(body, "rayrack_user_max_gpus", user="alice") == 2
+    assert sample_value(body, "rayrack_user_max_gpus", user="bob") is None
     dcgm = (GOLDEN / "dcgm_compat.prom").read_text()
     line = metric_lines(dcgm, "DCGM_FI_DEV_GPU_UTIL")[0]
     for label in (

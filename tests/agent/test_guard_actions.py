@@ -22,10 +22,12 @@ from ray_agent.clock import FakeClock
 from ray_agent.config import AttributionConfig, CollectionConfig, GuardConfig
 from ray_agent.gpu.fake import FakeBackend, parse_scenario
 from ray_agent.guard import Guard
-from ray_agent.guard.actions import ActionError, Webhook, terminate
+from ray_agent.guard.actions import ActionError, ActionRunner, Webhook, terminate
 from ray_agent.guard.audit import FIELDS, read_audit
+from ray_agent.guard.tracker import Escalation, Holder
 from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler
+from ray_agent.users import User, parse_contact
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 
@@ -175,13 +177,19 @@ def sampler_for(text: str, clock: FakeClock, attribution: Attribution | None) ->
     )
 
 
-def make_guard(config: GuardConfig, head: RayHead | None, token_file: Path | None, clock: FakeClock) -> Guard:
+def make_guard(
+    config: GuardConfig,
+    head: RayHead | None,
+    token_file: Path | None,
+    clock: FakeClock,
+    users: tuple[User, ...] = (),
+) -> Guard:
     attribution = (
         AttributionConfig(enabled=True, dashboard_url=head.url, token_file=token_file, request_timeout=2.0)
         if head is not None
         else AttributionConfig(enabled=False)
     )
-    guard = Guard(config, attribution, clock, host="node-a")
+    guard = Guard(config, attribution, clock, host="node-a", users=users)
     guard.start()
     return guard
 
@@ -199,12 +207,14 @@ def test_escalation_notifies_stops_the_job_and_kills_the_process(
     process = child()
     children.append(process)
     head.add_actor(process.pid, "05000000", "Trainer")
-    head.add_job("05000000", "raysubmit_idle1", {"name": "finetune"}, "python train.py")
+    # Submitted through the gateway by alice, whose contact is her e-mail address and Slack member id.
+    head.add_job("05000000", "raysubmit_idle1", {"name": "finetune", "rayrack.user": "alice"}, "python train.py")
     receiver = WebhookReceiver(fail_first=1)
     (tmp_path / "hook").write_text(receiver.url)
     clock = FakeClock()
     config = guard_config(tmp_path, dry_run=False, webhook_url_file=tmp_path / "hook", webhook_backoff=0.01)
-    guard = make_guard(config, head, token_file, clock)
+    alice = User("alice", parse_contact("alice@example.org U0123ABCD"), max_gpus=1)
+    guard = make_guard(config, head, token_file, clock, users=(alice,))
     try:
         attribution = attribution_for(head, token_file, clock)
         run_guard(guard, sampler_for(held_by([process.pid]), clock, attribution), clock, 600)
@@ -219,7 +229,8 @@ def test_escalation_notifies_stops_the_job_and_kills_the_process(
     assert stages["stop"] == [(0, process.pid, "ray_job_stop", "done")]
     assert stages["kill"] == [(0, process.pid, "sigterm", "done")]
     stop = next(r for r in records if r["stage"] == "stop")
-    assert (stop["user"], stop["ray_job_id"], stop["submission_id"], stop["ray_actor"]) == (
+    assert (stop["user"], stop["os_user"], stop["ray_job_id"], stop["submission_id"], stop["ray_actor"]) == (
+        "alice",
         ME,
         "05000000",
         "raysubmit_idle1",
@@ -232,8 +243,15 @@ def test_escalation_notifies_stops_the_job_and_kills_the_process(
     # One failed webhook attempt, then delivery; the message names who holds the GPU.
     assert len(receiver.attempts) == 2 and len(receiver.messages) == 1
     message = receiver.messages[0]
-    assert f"{ME} (pid {process.pid}, Ray job 05000000 (raysubmit_idle1), actor Trainer)" in message["text"]
+    assert (
+        f"alice <@U0123ABCD> (pid {process.pid}, Ray job 05000000 (raysubmit_idle1), actor Trainer, Linux user {ME})"
+        in message["text"]
+    )
     assert message["holders"][0]["submission_id"] == "raysubmit_idle1"
+    assert message["holders"][0]["user"] == "alice" and message["holders"][0]["os_user"] == ME
+    # The owner's contact, for Slack (the mention in the text) and for a mail route (the address).
+    assert message["owners"] == [{"user": "alice", "email": "alice@example.org", "slack_member_id": "U0123ABCD"}]
+    assert message["emails"] == ["alice@example.org"]
     assert (message["gpu"], message["stage"], message["next_stage"], message["host"]) == (0, "notify", "stop", "node-a")
     snapshot = guard.latest()
     assert snapshot.webhook_failed_attempts_total == 1
@@ -397,3 +415,34 @@ def test_unreachable_jobs_api_fails_stop_and_kill_but_still_notifies(tmp_path: P
     assert outcome["notify"][0] == "done"
     assert outcome["stop"][0] == "failed" and "HTTP 401 (is the token right?)" in outcome["stop"][1]
     assert outcome["kill"][0] == "failed" and "cannot check the job's opt-out" in outcome["kill"][1]
+
+
+def test_the_notice_follows_the_template_and_names_the_owners_contacts(tmp_path: Path) -> None:
+    receiver = WebhookReceiver()
+    (tmp_path / "hook").write_text(receiver.url)
+    config = guard_config(
+        tmp_path, webhook_url_file=tmp_path / "hook", notice_template="{mentions} GPU {gpu} on {host} idles: {owners}"
+    )
+    records: list[dict] = []
+    users = (User("alice", parse_contact("U0123ABCD")), User("bob", parse_contact("bob@example.org")))
+    runner = ActionRunner(config, None, Webhook(config), records.append, "node-a", users=users)
+    holders = (
+        Holder(4242, "alice", "02000000", os_user="ray", submission_id="alice-raysubmit_x"),
+        Holder(4243, "bob", "03000000", os_user="ray"),
+        Holder(4244, "carol", os_user="carol"),  # no contact known: named, not mentioned
+    )
+    try:
+        runner.handle(Escalation("notify", 0, "GPU-x", holders, idle_seconds=1800.0, taken_at=0.0))
+    finally:
+        receiver.close()
+    message = receiver.messages[0]
+    assert message["text"] == "<@U0123ABCD> bob@example.org GPU 0 on node-a idles: alice, bob, carol"
+    assert message["emails"] == ["bob@example.org"]
+    assert [o["user"] for o in message["owners"]] == ["alice", "bob", "carol"]
+    assert message["holders"][0]["submission_id"] == "alice-raysubmit_x"
+    # The audit log names the owner and the Linux user of every holder.
+    assert [(r["user"], r["os_user"], r["outcome"]) for r in records] == [
+        ("alice", "ray", "done"),
+        ("bob", "ray", "done"),
+        ("carol", "carol", "done"),
+    ]

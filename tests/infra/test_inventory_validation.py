@@ -341,8 +341,8 @@ def test_user_entry_not_a_mapping():
 
 def test_user_bad_contact():
     assert errors(*users_cluster([{"name": "bob", "contact": "bob at example"}])) == [
-        "rayrack_users[0].contact: must be an e-mail address and/or a chat member id such as U0123ABCD, separated "
-        "by a space; got 'bob at example'"]
+        "rayrack_users[0].contact: must be an e-mail address and/or a Slack member id such as U0123ABCD (at most "
+        "one of each), separated by a space; got 'bob at example'"]
 
 
 def test_token_too_short_never_shown():

@@ -17,6 +17,13 @@ from typing import Any
 import yaml
 
 ROLES_DIR = Path(__file__).resolve().parents[2]
+try:
+    from ray_agent.users import RESERVED_USER_NAMES, USER_NAME, parse_contact
+except ImportError:  # Ansible from outside the project's venv: the agent's source sits next to roles/
+    import sys
+
+    sys.path.insert(0, str(ROLES_DIR.parent))
+    from ray_agent.users import RESERVED_USER_NAMES, USER_NAME, parse_contact
 CLUSTER_PREFIX = "rayrack_"
 HEAD_GROUP, WORKER_GROUP = "ray_head", "ray_workers"
 MIN_TOKEN_AUTH_RAY = (2, 52, 0)
@@ -38,11 +45,6 @@ ELEMENT_FORMATS = {
 # rayrack_users: each entry's keys and their checks, the name's form (also a Linux login's), the contact's parts.
 USER_KEYS = {"name": "a string", "contact": "a string", "admin": "a boolean (true/false, unquoted)",
              "max_gpus": "a whole number of GPUs (0 or more), or null for no limit"}
-USER_NAME = r"[a-z][a-z0-9_-]{0,31}"
-# Jobs submitted around the gateway are owned by "unknown": no user may take that name.
-RESERVED_USER_NAMES = {"unknown"}
-EMAIL = r"[^@\s]+@[^@\s]+\.[^@\s]+"
-CHAT_MEMBER_ID = r"[UW][A-Z0-9]{2,}"
 MIN_USER_TOKEN_CHARS = 32
 TYPE_NAMES = {"bool": "a boolean (true/false, unquoted)", "int": "an integer", "str": "a string",
               "path": "a path string", "list": "a list", "dict": "a mapping", "raw": "any value"}
@@ -129,9 +131,9 @@ def users_errors(users: list[Mapping[str, Any]], tokens: Mapping[str, Any]) -> l
         name = user.get("name")
         if "name" not in user:
             errors.append(f"{where}: has no name")
-        elif isinstance(name, str) and not re.fullmatch(USER_NAME, name):
-            errors.append(f"{where}.name: must match ^{USER_NAME}$ (lowercase letter first, then lowercase letters, "
-                          f"digits, '_' or '-', 32 at most); got {name!r}")
+        elif isinstance(name, str) and not USER_NAME.match(name):
+            errors.append(f"{where}.name: must match {USER_NAME.pattern} (lowercase letter first, then lowercase "
+                          f"letters, digits, '_' or '-', 32 at most); got {name!r}")
         elif name in RESERVED_USER_NAMES:
             errors.append(f"{where}.name: {name!r} is reserved for jobs submitted around the gateway")
         elif isinstance(name, str) and name in first:
@@ -140,11 +142,10 @@ def users_errors(users: list[Mapping[str, Any]], tokens: Mapping[str, Any]) -> l
             first[name] = index
         contact = user.get("contact")
         if isinstance(contact, str):
-            parts = contact.split()
-            wrong = [p for p in parts if not (re.fullmatch(EMAIL, p) or re.fullmatch(CHAT_MEMBER_ID, p))]
-            if not parts or wrong:
-                errors.append(f"{where}.contact: must be an e-mail address and/or a chat member id such as U0123ABCD, "
-                              f"separated by a space; got {contact!r}")
+            try:
+                parse_contact(contact)
+            except ValueError as err:
+                errors.append(f"{where}.contact: {err}")
     for name, token in tokens.items():
         # Never the token itself in a message: only which user's and what is wrong with it.
         if name not in first:
