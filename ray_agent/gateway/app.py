@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import secrets
 import string
 import time
@@ -231,19 +232,20 @@ class Gateway:
             return await self.forward(request, raw)
         user = caller.user
         gpus = body.get("entrypoint_num_gpus")
-        if (
-            user.max_gpus is not None
-            and isinstance(gpus, int | float)
-            and not isinstance(gpus, bool)
-            and gpus > user.max_gpus
-        ):
-            return _json(
-                403,
-                {
-                    "error": f"{user.name} may ask for at most {user.max_gpus:g} GPUs per job "
-                    f"(max_gpus); entrypoint_num_gpus is {gpus:g}"
-                },
-            )
+        if user.max_gpus is not None and gpus is not None:
+            # What Ray would read ("2" and 2.0 too: its model coerces strings); NaN and the like never pass.
+            try:
+                asked = float(gpus) if not isinstance(gpus, bool) else math.nan
+            except (TypeError, ValueError):
+                asked = math.nan
+            if not math.isfinite(asked) or asked > user.max_gpus:
+                return _json(
+                    403,
+                    {
+                        "error": f"{user.name} may ask for at most {user.max_gpus:g} GPUs per job "
+                        f"(max_gpus); entrypoint_num_gpus is {gpus!r}"
+                    },
+                )
         metadata = body.get("metadata")
         if metadata is None:
             metadata = {}

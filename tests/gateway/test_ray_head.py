@@ -182,6 +182,11 @@ def test_max_gpus_refuses_a_bigger_entrypoint(gateway: Gateway, ray_head: RayHea
     r = call(gateway, "POST", "/api/jobs/", accounts["bob"], json={"entrypoint": "true", "entrypoint_num_gpus": 2})
     assert r.status_code == 403
     assert r.json() == {"error": "bob may ask for at most 1 GPUs per job (max_gpus); entrypoint_num_gpus is 2"}
+    # The forms Ray's model would also read as a number, and no number at all, are refused the same way.
+    for asked in ("2", "NaN", "inf", [2]):
+        body = {"entrypoint": "true", "entrypoint_num_gpus": asked}
+        r = call(gateway, "POST", "/api/jobs/", accounts["bob"], json=body)
+        assert r.status_code == 403, (asked, r.text)
     assert bobs_jobs() == before
 
 
