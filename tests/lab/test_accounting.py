@@ -95,7 +95,7 @@ def probe_config(head_ip: str) -> dict:
     return {
         "gpu": {"backend": "fake", "fake_scenario": f"{PROBE_DIR}/scenario.yml"},
         "attribution": {"enabled": True, "state_api": True, "dashboard_url": "http://127.0.0.1:8265",
-                        "gateway_url": f"https://{head_ip}:8443", "ca_file": gateway.CA,
+                        "gateway_url": f"https://{head_ip}:8443", "ca_file": "/etc/rayrack/ca.crt",
                         "token_file": "/etc/rayrack/ray_token", "ttl": "2s", "node_ip": head_ip},
         "collection": {"interval": "1s", "call_timeout": "1s"},
         "guard": {"enabled": True, "dry_run": True, "window": "10s", "min_samples": 3, "max_gap": "10s",
