@@ -2,7 +2,11 @@
 
 import importlib.machinery
 import importlib.util
+import json
+import os
+import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -19,3 +23,19 @@ def load_module(path: Path, name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_play(directory: Path, inventory: Mapping, play: str, extra_vars: Mapping[str, object],
+             env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """PLAY against a throwaway INVENTORY written to DIRECTORY, the way the project runs Ansible (its ansible.cfg,
+    the venv's ansible-playbook); ENV adds what the play needs (plugin or role paths). It must pass."""
+    (directory / "hosts.json").write_text(json.dumps(inventory))
+    (directory / "play.yml").write_text(play)
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(directory / "hosts.json"),
+         str(directory / "play.yml"), "-e", json.dumps(dict(extra_vars))],
+        cwd=REPO, capture_output=True, text=True, check=False,
+        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0",
+             "ANSIBLE_LOCALHOST_WARNING": "0", **env})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    return result

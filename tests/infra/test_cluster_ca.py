@@ -3,14 +3,14 @@ made once, unchanged by a re-run, renewed when close to expiry, and the certific
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+
+from .conftest import run_play
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = REPO / "roles"
@@ -36,17 +36,10 @@ def converge(tmp_path: Path, **extra: object) -> int:
     inventory = {"all": {"children": {"ray_head": {"hosts": {"head": {
         "ansible_host": "127.0.0.1", "ansible_connection": "local",
         "ansible_python_interpreter": str(REPO / ".venv" / "bin" / "python")}}}}}}
-    (tmp_path / "hosts.json").write_text(json.dumps(inventory))
-    (tmp_path / "play.yml").write_text(PLAY)
     settings = {"rayrack_config_dir": str(tmp_path / "etc"), "rayrack_secrets_dir": str(tmp_path / "secrets"), **extra}
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_ROLES_PATH": str(ROLES),
-           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_LOCALHOST_WARNING": "0", "ANSIBLE_FORCE_COLOR": "0"}
     (tmp_path / "etc").mkdir(exist_ok=True)
-    result = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(tmp_path / "hosts.json"),
-         str(tmp_path / "play.yml"), "-e", json.dumps(settings)],
-        cwd=REPO, capture_output=True, text=True, check=False, env=env)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    result = run_play(tmp_path, inventory, PLAY, settings,
+                      {"ANSIBLE_ROLES_PATH": str(ROLES), "ANSIBLE_FORCE_COLOR": "0"})
     return int(re.search(r"head\s*:.*changed=(\d+)", result.stdout).group(1))
 
 

@@ -6,7 +6,6 @@ Ansible reaches them at: the monitoring host then scrapes from its cluster addre
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import required
+
+from .conftest import run_play
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = REPO / "roles"
@@ -46,17 +47,9 @@ def render(tmp_path: Path, monitoring: dict | None = None, **settings: object) -
         "ray_workers": {"hosts": {name: HOSTS[name] for name in ("worker1", "worker2")}}}}}
     if monitoring:
         inventory["all"]["children"]["monitoring"] = {"hosts": monitoring}
-    (tmp_path / "hosts.json").write_text(json.dumps(inventory))
-    (tmp_path / "play.yml").write_text(PLAY)
     dest = tmp_path / "rayrack.nft"
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-           "ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins:{ROLES}/firewall/filter_plugins",
-           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_LOCALHOST_WARNING": "0"}
-    result = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(tmp_path / "hosts.json"),
-         str(tmp_path / "play.yml"), "-e", json.dumps({"dest": str(dest), **settings})],
-        cwd=REPO, capture_output=True, text=True, check=False, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_play(tmp_path, inventory, PLAY, {"dest": str(dest), **settings},
+             {"ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins:{ROLES}/firewall/filter_plugins"})
     return dest.read_text()
 
 

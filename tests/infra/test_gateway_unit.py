@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import subprocess
@@ -11,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import required
+
+from .conftest import run_play
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = REPO / "roles"
@@ -40,16 +40,9 @@ def unit(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("unit")
     inventory = {"all": {"vars": {"ansible_connection": "local"}, "children": {
         "ray_head": {"hosts": {"head": {"ansible_host": "10.0.0.10"}}}}}}
-    (tmp / "hosts.json").write_text(json.dumps(inventory))
-    (tmp / "play.yml").write_text(PLAY)
     dest = tmp / "rayrack-gateway.service"
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-           "ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins:{ROLES}/ray_gateway/filter_plugins",
-           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_LOCALHOST_WARNING": "0"}
-    result = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "ansible-playbook"), "-i", str(tmp / "hosts.json"), str(tmp / "play.yml"),
-         "-e", json.dumps({"dest": str(dest)})], cwd=REPO, capture_output=True, text=True, check=False, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_play(tmp, inventory, PLAY, {"dest": str(dest)},
+             {"ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins:{ROLES}/ray_gateway/filter_plugins"})
     return dest
 
 
