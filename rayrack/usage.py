@@ -4,7 +4,8 @@ Read from the accounting recording rules (group ``rayrack.accounting.recording``
 monitoring/prometheus/rules/rayrack-recording.yml), which record GPUs held per user and job at every rule
 evaluation: summed over the period and multiplied by the group's interval they are GPU-seconds. Prometheus is
 asked on the monitoring host (the monitoring group, else the head) over SSH, the way `rayrack status` reaches
-the nodes, so nothing needs to open Prometheus's port.
+the nodes, so nothing needs to open Prometheus's port. Its password and the cluster CA's certificate come from
+the controller (the inventory, or what the monitoring roles generated) and reach the script on stdin.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from rayrack.inventory import Inventory
 from rayrack.remote import run_python
+from rayrack.users import secrets_dir
 
 GROUP = "rayrack.accounting.recording"
 KINDS = ("allocated", "busy", "idle_held")
@@ -27,13 +29,24 @@ BY = ("user", "job")
 FORMATS = ("table", "csv", "json")
 _SINCE = re.compile(r"^([1-9][0-9]*)([smhdw])$")
 
-# Runs on the monitoring host: each (key, path, params) asked of the local Prometheus, the answers by key.
+MONITORING_USER = "rayrack"  # the basic-auth user of the monitoring roles (roles/rayrack/vars/main.yml)
+
+# Runs on the monitoring host: each (key, path, params) asked of the local Prometheus, the answers by key. Stdin
+# carries {"asked": [...], "user", "password", "ca"}: TLS is checked against the CA, basic auth sent with each.
 PROMETHEUS_QUERIES = r"""
-import json, sys, urllib.parse, urllib.request
+import base64, json, ssl, sys, urllib.parse, urllib.request
 base, out = sys.argv[1], {}
-for key, path, params in json.loads(sys.stdin.read()):
+given = json.loads(sys.stdin.read())
+context = ssl.create_default_context(cadata=given["ca"]) if given.get("ca") else None
+opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
+headers = {}
+if given.get("password"):
+    pair = (given["user"] + ":" + given["password"]).encode()
+    headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+for key, path, params in given["asked"]:
+    request = urllib.request.Request(base + path + "?" + urllib.parse.urlencode(params), headers=headers)
     try:
-        out[key] = json.load(urllib.request.urlopen(base + path + "?" + urllib.parse.urlencode(params), timeout=60))
+        out[key] = json.load(opener.open(request, timeout=60))
     except Exception as exc:
         read = getattr(exc, "read", None)
         out[key] = {"status": "error", "error": read().decode(errors="replace") if read else str(exc)}
@@ -161,11 +174,38 @@ def configured_users(inventory: Inventory) -> list[str]:
     return [u["name"] for u in users if isinstance(u, Mapping) and isinstance(u.get("name"), str)]
 
 
+def local_address(listen: str) -> str:
+    """Where a client on the monitoring host reaches a server listening on `listen` (loopback for a wildcard)."""
+    host, _, port = str(listen).rpartition(":")
+    return f"{'127.0.0.1' if host in ('', '0.0.0.0', '::', '[::]') else host}:{port}"
+
+
+def credentials(inventory: Inventory) -> dict[str, str]:
+    """Prometheus's password (rayrack_prometheus_password, else the generated file) and the cluster CA."""
+    secrets = secrets_dir(inventory)
+    given = inventory.setting("rayrack_prometheus_password")
+    password_file, ca_file = secrets / "monitoring" / "prometheus.password", secrets / "ca" / "ca.crt"
+    if isinstance(given, str) and given and "{{" not in given:
+        password = given
+    elif given:
+        raise UsageError("rayrack_prometheus_password in the inventory is not plain text as ansible-inventory lists it "
+                         "(Vault without its password?): give ansible the vault password (ANSIBLE_VAULT_PASSWORD_FILE)")
+    elif password_file.exists():
+        password = password_file.read_text().strip()
+    else:
+        raise UsageError(f"no password for Prometheus: {password_file} is missing and the inventory gives no "
+                         "rayrack_prometheus_password (converge playbooks/monitoring.yml first)")
+    if not ca_file.exists():
+        raise UsageError(f"no cluster CA certificate at {ca_file}: converge the cluster first (site.yml)")
+    return {"user": MONITORING_USER, "password": password, "ca": ca_file.read_text()}
+
+
 def ask(inventory: Inventory, asked: list[tuple[str, str, dict[str, str]]]) -> dict[str, Any]:
     host = inventory.monitoring_host
     assert host is not None  # the CLI refuses an inventory without a head
-    base = f"http://{host.setting('prometheus_listen_address')}"
-    answers = run_python(host, PROMETHEUS_QUERIES, [base], input_text=json.dumps(asked), timeout=120)
+    base = f"https://{local_address(host.setting('prometheus_listen_address'))}"
+    given = {"asked": asked, **credentials(inventory)}
+    answers = run_python(host, PROMETHEUS_QUERIES, [base], input_text=json.dumps(given), timeout=120)
     if set(answers) == {"error"}:
         raise UsageError(f"cannot ask Prometheus on {host.name}: {answers['error']}")
     return answers

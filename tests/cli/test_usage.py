@@ -7,7 +7,7 @@ import pytest
 
 from rayrack.cli import build_parser
 from rayrack.inventory import parse_listing
-from rayrack.usage import configured_users, requests
+from rayrack.usage import UsageError, configured_users, credentials, local_address, requests
 
 HOSTVARS = {
     "head": {"ansible_host": "10.0.0.10", "rayrack_users": [{"name": "alice", "contact": "a@b.org"}, {"name": "bob"}]},
@@ -51,3 +51,31 @@ def test_per_job_reports_ask_for_the_submission_ids_too():
     assert keys == ["rules", "allocated", "busy", "idle_held", "jobs"]
     query = dict((key, params) for key, _, params in requests("job", "7d", 0.0))["allocated"]["query"]
     assert query == "sum by (user, ray_job_id) (sum_over_time(user_job:rayrack_gpus_allocated:sum[7d]))"
+
+
+def test_prometheus_is_asked_at_its_local_address():
+    assert local_address("127.0.0.1:9090") == "127.0.0.1:9090"
+    assert local_address("0.0.0.0:9090") == "127.0.0.1:9090"
+    assert local_address("[::]:9091") == "127.0.0.1:9091"
+    assert local_address("10.0.0.20:9090") == "10.0.0.20:9090"
+
+
+def test_the_password_and_ca_come_from_the_controller(tmp_path):
+    inv = parse_listing(tmp_path, listing(False))
+    with pytest.raises(UsageError, match="prometheus.password is missing"):
+        credentials(inv)
+    (tmp_path / ".secrets" / "monitoring").mkdir(parents=True)
+    (tmp_path / ".secrets" / "monitoring" / "prometheus.password").write_text("generated\n")
+    with pytest.raises(UsageError, match="no cluster CA certificate"):
+        credentials(inv)
+    (tmp_path / ".secrets" / "ca").mkdir()
+    (tmp_path / ".secrets" / "ca" / "ca.crt").write_text("PEM")
+    assert credentials(inv) == {"user": "rayrack", "password": "generated", "ca": "PEM"}
+    # The inventory's own password (from Vault, decrypted) wins; one ansible-inventory could not decrypt is named.
+    given = {**HOSTVARS["head"], "rayrack_prometheus_password": "from-vault"}
+    inv = parse_listing(tmp_path, {**listing(False), "_meta": {"hostvars": {**HOSTVARS, "head": given}}})
+    assert credentials(inv)["password"] == "from-vault"
+    given["rayrack_prometheus_password"] = {"__ansible_vault": "$ANSIBLE_VAULT;1.1;AES256..."}
+    inv = parse_listing(tmp_path, {**listing(False), "_meta": {"hostvars": {**HOSTVARS, "head": given}}})
+    with pytest.raises(UsageError, match="rayrack_prometheus_password .* not plain text"):
+        credentials(inv)
