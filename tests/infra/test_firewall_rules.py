@@ -48,7 +48,8 @@ def render(tmp_path: Path, monitoring: dict | None = None, **settings: object) -
     if monitoring:
         inventory["all"]["children"]["monitoring"] = {"hosts": monitoring}
     dest = tmp_path / "rayrack.nft"
-    run_play(tmp_path, inventory, PLAY, {"dest": str(dest), **settings},
+    # nft resolves the Ray user of the head's output rule: `nobody` stands in for it, which this machine may lack.
+    run_play(tmp_path, inventory, PLAY, {"dest": str(dest), "rayrack_ray_user": "nobody", **settings},
              {"ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins:{ROLES}/firewall/filter_plugins"})
     return dest.read_text()
 
@@ -101,3 +102,28 @@ def test_gateway_port_open_on_the_head_only_to_the_cluster_and_the_nodes(tmp_pat
     checked = nft_accepts(tmp_path / "rayrack.nft")
     assert checked.returncode == 0, checked.stderr
     assert "8443" not in render(tmp_path, firewall_render_host="head", rayrack_gateway_enabled=False)
+
+
+OUTPUT_RULE = 'oif "lo" meta skuid "{user}" tcp dport {{ 9090, 9093, 3000 }} counter reject with tcp reset'
+
+
+def test_jobs_are_refused_the_monitoring_ports_on_the_monitoring_host(tmp_path):
+    """Jobs run as the Ray user: on the host that runs Prometheus, Alertmanager and Grafana (the head here) its
+    packets to those ports through lo (loopback or the host's own addresses) are reset. nft resolves the user
+    when it loads the table."""
+    head = render(tmp_path, firewall_render_host="head")
+    assert "type filter hook output priority filter; policy accept;" in head
+    assert OUTPUT_RULE.format(user="nobody") in head
+    checked = nft_accepts(tmp_path / "rayrack.nft")
+    assert checked.returncode == 0, checked.stderr
+    # A user nft cannot resolve fails the check that guards the write (the role checks the user exists first).
+    render(tmp_path, firewall_render_host="head", rayrack_ray_user="no-such-user-here")
+    assert nft_accepts(tmp_path / "rayrack.nft").returncode != 0
+    # Workers run no monitoring API: no output chain there.
+    assert "hook output" not in render(tmp_path)
+
+
+def test_the_output_rule_follows_the_monitoring_group(tmp_path):
+    monitoring = {"worker1": HOSTS["worker1"]}
+    assert OUTPUT_RULE.format(user="nobody") in render(tmp_path, monitoring)
+    assert "hook output" not in render(tmp_path, monitoring, firewall_render_host="head")

@@ -17,8 +17,9 @@ ANSIBLE = Path(sys.executable).parent / "ansible"
 
 def role_vars(role: str) -> dict[str, Any]:
     merged: dict[str, Any] = {}
-    for path in (REPO / "roles" / "rayrack" / "defaults" / "main.yml", REPO / "roles" / role / "defaults" / "main.yml",
-                 REPO / "roles" / role / "vars" / "main.yml"):
+    # The rayrack role comes first in every play: its defaults and vars are every other role's too.
+    for path in (REPO / "roles" / "rayrack" / "defaults" / "main.yml", REPO / "roles" / "rayrack" / "vars" / "main.yml",
+                 REPO / "roles" / role / "defaults" / "main.yml", REPO / "roles" / role / "vars" / "main.yml"):
         merged.update(yaml.safe_load(path.read_text()) or {})
     return merged
 
@@ -28,7 +29,9 @@ def render(role: str, template: str, dest: Path, overrides: dict[str, Any] | Non
     extra = dest.with_suffix(dest.suffix + ".vars.json")
     extra.write_text(json.dumps(variables))
     src = REPO / "roles" / role / "templates" / template
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_CACHE_PLUGIN_CONNECTION=str(dest.parent))
+    # The rayrack role's filters, as every play has them (every playbook lists that role first).
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_CACHE_PLUGIN_CONNECTION=str(dest.parent),
+               ANSIBLE_FILTER_PLUGINS=str(REPO / "roles" / "rayrack" / "filter_plugins"))
     result = subprocess.run(
         [str(ANSIBLE), "localhost", "-c", "local", "-i", "localhost,", "-m", "ansible.builtin.template",
          "-a", f"src={src} dest={dest} mode=0600", "-e", f"@{extra}",

@@ -99,9 +99,11 @@ def test_per_job_rows_carry_the_submission_id(prometheus):
 
 
 def test_the_monitoring_hosts_script_answers_like_prometheus(prometheus):
-    """The script `rayrack usage` runs over SSH, run here with this Python against the same Prometheus."""
+    """The script `rayrack usage` runs over SSH, run here with this Python against the same Prometheus (through
+    TLS and basic auth: tests/monitoring/test_web_auth.py)."""
     asked = requests("user", "1h", time.time())
-    result = subprocess.run([sys.executable, "-c", PROMETHEUS_QUERIES, prometheus.base], input=json.dumps(asked),
+    result = subprocess.run([sys.executable, "-c", PROMETHEUS_QUERIES, prometheus.base],
+                            input=json.dumps({"asked": asked}),
                             capture_output=True, text=True, timeout=60, check=True)
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("RAYRACK-PROBE "))
     answers = json.loads(line.removeprefix("RAYRACK-PROBE "))
@@ -110,7 +112,8 @@ def test_the_monitoring_hosts_script_answers_like_prometheus(prometheus):
     assert rows["alice"].gpu_seconds > rows["bob"].gpu_seconds > 0
     # A query Prometheus refuses comes back as its error, which the report names.
     bad = [("allocated", "/api/v1/query", {"query": "sum by (user) ("})]
-    result = subprocess.run([sys.executable, "-c", PROMETHEUS_QUERIES, prometheus.base], input=json.dumps(bad),
+    result = subprocess.run([sys.executable, "-c", PROMETHEUS_QUERIES, prometheus.base],
+                            input=json.dumps({"asked": bad}),
                             capture_output=True, text=True, timeout=60, check=True)
     answer = json.loads(result.stdout.removeprefix("RAYRACK-PROBE "))
     with pytest.raises(UsageError, match="could not answer the allocated query"):
