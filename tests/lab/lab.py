@@ -407,6 +407,11 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
         "prometheus_instance_label": "dcgm-exporter",
         # No Grafana package can be installed here: only its provisioning files are written.
         "grafana_install": False,
+        # Prometheus and Alertmanager on every address of the head (TLS, basic auth), Alertmanager's port open to
+        # the nodes too, so the tests can show that another node without the password is refused.
+        "prometheus_listen_address": "0.0.0.0:9090",
+        "alertmanager_listen_address": "0.0.0.0:9093",
+        "firewall_extra_tcp_ports": ["9093"],
     }, indent=2) + "\n")
 
 
@@ -442,15 +447,46 @@ def down(lab: Lab, remove_image: bool) -> None:
     log(f"removed {len(containers)} containers, network {lab.network} and {lab.inventory_dir}")
 
 
-# Runs on the head: every GPU's utilisation from the local Prometheus, one line per GPU.
-GPU_QUERY = """
-import json, urllib.parse, urllib.request
-url = "http://127.0.0.1:9090/api/v1/query?query=" + urllib.parse.quote("rayrack_gpu_utilization_ratio")
-rows = json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]
-for r in sorted(rows, key=lambda r: (r["metric"]["node"], r["metric"]["gpu"])):
-    print(f"  {r['metric']['node']:<10} gpu {r['metric']['gpu']}  {float(r['value'][1]):6.0%}  {r['metric']['uuid']}")
-print(f"  {len(rows)} GPUs")
+# Runs as root on the monitoring host (the lab's head): answers a list of [service, path, params] requests to the
+# local Prometheus or Alertmanager, over TLS checked against the cluster CA, with root's credentials there (the
+# curl configuration files the monitoring roles write, mode 0600: the password never reaches a command line).
+MONITORING_CLIENT = r"""
+import base64, json, re, ssl, sys, urllib.parse, urllib.request
+ADDRESSES = {"prometheus": "127.0.0.1:9090", "alertmanager": "127.0.0.1:9093"}
+openers = {}
+def opener(service):
+    if service not in openers:
+        text = open(f"/etc/prometheus/clients/{service}.curl").read()
+        conf = {k: re.sub(r"\\(.)", r"\1", v) for k, v in re.findall(r'^(\w+) = "((?:[^"\\]|\\.)*)"$', text, re.M)}
+        context = ssl.create_default_context(cafile=conf["cacert"])
+        auth = "Basic " + base64.b64encode(conf["user"].encode()).decode()
+        openers[service] = (urllib.request.build_opener(urllib.request.HTTPSHandler(context=context)), auth)
+    return openers[service]
+answers = []
+for service, path, params in json.load(sys.stdin):
+    client, auth = opener(service)
+    url = f"https://{ADDRESSES[service]}{path}?" + urllib.parse.urlencode(params, doseq=True)
+    try:
+        answers.append(json.load(client.open(urllib.request.Request(url, headers={"Authorization": auth}), timeout=20)))
+    except Exception as err:  # the caller reports it with the request that caused it
+        answers.append({"status": "error", "error": str(getattr(err, "read", lambda: b"")() or err)})
+print(json.dumps(answers))
 """
+
+
+def monitoring_api(lab: Lab, requests: list[tuple[str, str, dict]]) -> list[dict]:
+    """Answers of the lab's Prometheus and Alertmanager on the head to [(service, path, params)], asked there as
+    root with root's credentials; an answer is {"status": "error", ...} when its request failed."""
+    result = ssh(lab, lab.nodes[0], "sudo python3 -c " + shlex.quote(MONITORING_CLIENT),
+                 input_text=json.dumps(requests), check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the monitoring client on {lab.nodes[0].name} failed: {result.stderr[-3000:]}")
+    return json.loads(result.stdout)
+
+
+def prometheus(lab: Lab, requests: list[tuple[str, dict]]) -> list[dict]:
+    """The head's Prometheus's answers to [(path, params)]: see monitoring_api."""
+    return monitoring_api(lab, [("prometheus", path, params) for path, params in requests])
 
 
 def ssh(lab: Lab, node: Node, command: str, check: bool = True, input_text: str | None = None
@@ -524,11 +560,21 @@ Ray dashboard and Jobs API (bound to the head's loopback; token auth on):
   ssh -i {lab.key} -o UserKnownHostsFile={lab.known_hosts} -N -L 8265:127.0.0.1:8265 {ADMIN_USER}@{head.ip} &
   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} \\
     ray job submit --address http://127.0.0.1:8265 -- python -c 'import ray; ray.init(); print(ray.nodes())'
-Prometheus on the head (loopback): the same tunnel with -L 9090:127.0.0.1:9090
+Prometheus on the head: the same tunnel with -L 9090:127.0.0.1:9090, then https://localhost:9090 with the CA
+  {lab.inventory_dir / ".secrets" / "ca" / "ca.crt"}, user rayrack and the password in
+  {lab.inventory_dir / ".secrets" / "monitoring" / "prometheus.password"}
 Metrics on every node, reachable from the nodes (the firewall refuses this lab host, an outsider):
 """ + "\n".join(f"  http://{n.ip}:9489/metrics   http://{n.ip}:8090/metrics   ({n.name})" for n in lab.nodes))
-    gpus = ssh(lab, head, f"python3 -c {shlex.quote(GPU_QUERY)}", check=False)
-    print("\nGPUs as Prometheus sees them (rayrack_gpu_utilization_ratio):\n" + (gpus.stdout or gpus.stderr).rstrip())
+    print("\nGPUs as Prometheus sees them (rayrack_gpu_utilization_ratio):")
+    try:
+        (answer,) = prometheus(lab, [("/api/v1/query", {"query": "rayrack_gpu_utilization_ratio"})])
+        rows = answer["data"]["result"] if answer.get("status") == "success" else []
+        for r in sorted(rows, key=lambda r: (r["metric"]["node"], r["metric"]["gpu"])):
+            print(f"  {r['metric']['node']:<10} gpu {r['metric']['gpu']}  {float(r['value'][1]):6.0%}  "
+                  f"{r['metric']['uuid']}")
+        print(f"  {len(rows)} GPUs" + ("" if answer.get("status") == "success" else f": {answer.get('error')}"))
+    except RuntimeError as exc:
+        print(f"  {exc}")
     return res.returncode
 
 

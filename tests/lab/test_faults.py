@@ -236,27 +236,30 @@ def test_workers_reconnect_after_the_head_returns(lab, recovery_log):
 
 
 # Runs on the head: one agent's per-GPU series (names and labels; rayrack_gpu_up stays while a GPU is lost, with
-# value 0) from its /metrics, and Prometheus's latest scrape of that agent.
+# value 0) from its /metrics.
 AGENT_PROBE = r"""
-import json, sys, urllib.parse, urllib.request
-ip, node, port = sys.argv[1], sys.argv[2], sys.argv[3]
+import json, sys, urllib.request
+ip, port = sys.argv[1], sys.argv[2]
 try:
     body = urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=3).read().decode()
     series = sorted({line.rsplit(" ", 1)[0] for line in body.splitlines()
                      if line.startswith("rayrack_gpu_up{")})
 except OSError:
     series = None
-query = urllib.parse.quote(f'up{{job="ray-agent",node="{node}"}}')
-try:
-    rows = json.load(urllib.request.urlopen(f"http://127.0.0.1:9090/api/v1/query?query={query}", timeout=3))
-    sample = rows["data"]["result"][0]["value"] if rows["data"]["result"] else None
-except OSError:
-    sample = None
-query = urllib.parse.quote(f'count(rayrack_gpu_up{{node="{node}"}})')
-rows = json.load(urllib.request.urlopen(f"http://127.0.0.1:9090/api/v1/query?query={query}", timeout=3))
-gpus = int(rows["data"]["result"][0]["value"][1]) if rows["data"]["result"] else 0
-print(json.dumps({"series": series, "up": sample, "prometheus_gpus": gpus}))
+print(json.dumps(series))
 """
+
+
+def agent_and_prometheus(lab: labtool.Lab, node: labtool.Node) -> dict:
+    """The agent's series from its /metrics, and Prometheus's latest scrape of that agent with its GPU count."""
+    series = json.loads(sh(lab, lab.nodes[0], f"python3 - {node.ip} 9489", input_text=AGENT_PROBE))
+    up, gpus = labtool.prometheus(lab, [("/api/v1/query", {"query": f'up{{job="ray-agent",node="{node.name}"}}'}),
+                                        ("/api/v1/query", {"query": f'count(rayrack_gpu_up{{node="{node.name}"}})'})])
+    up_rows = up.get("data", {}).get("result") or []
+    gpu_rows = gpus.get("data", {}).get("result") or []
+    return {"series": series, "up": up_rows[0]["value"] if up_rows else None,
+            "prometheus_gpus": int(gpu_rows[0]["value"][1]) if gpu_rows else 0}
+
 
 # Every file in the agent's state directory with its digest (the guard's state and audit log live there).
 STATE_PROBE = f"cd {AGENT_STATE_DIR} && find . -type f -print0 | sort -z | xargs -0r sha256sum; echo; " \
@@ -290,7 +293,7 @@ print(soonest)
 
 
 def test_a_killed_agent_is_restarted_and_its_metrics_continue(lab, recovery_log):
-    head, victim = lab.nodes[0], lab.nodes[1]
+    victim = lab.nodes[1]
     # A GPU the scenario takes away (GPU_IS_LOST on every call) cannot be named by an agent starting meanwhile:
     # kill the agent only with a minute or more before the next such window.
     wait_for("a minute clear of scripted GPU losses", lambda: (
@@ -298,7 +301,7 @@ def test_a_killed_agent_is_restarted_and_its_metrics_continue(lab, recovery_log)
         400, interval=5)
 
     def probe() -> dict:
-        return json.loads(sh(lab, head, f"python3 - {victim.ip} {victim.name} 9489", input_text=AGENT_PROBE))
+        return agent_and_prometheus(lab, victim)
 
     before = wait_for("the agent's series in Prometheus", lambda: (
         p if (p := probe())["series"] and p["up"] and p["up"][1] == "1" else None), 60)

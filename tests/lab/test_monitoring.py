@@ -55,25 +55,9 @@ def the_lab() -> labtool.Lab:
     return lab()
 
 
-# Runs on the head: answers a list of PromQL requests (path + params) against the local Prometheus.
-PROMETHEUS_CLIENT = r"""
-import json, sys, urllib.parse, urllib.request
-answers = []
-for path, params in json.load(sys.stdin):
-    url = "http://127.0.0.1:9090" + path + "?" + urllib.parse.urlencode(params, doseq=True)
-    try:
-        answers.append(json.load(urllib.request.urlopen(url, timeout=20)))
-    except Exception as err:  # the test reports it with the query that caused it
-        answers.append({"status": "error", "error": str(getattr(err, "read", lambda: b"")() or err)})
-print(json.dumps(answers))
-"""
-
-
 def prometheus(the_lab: labtool.Lab, requests: list[tuple[str, dict]]) -> list[dict]:
-    result = labtool.ssh(the_lab, the_lab.nodes[0], "python3 -c " + shlex.quote(PROMETHEUS_CLIENT),
-                         input_text=json.dumps(requests), check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+    """The head's Prometheus, through TLS and its password (tests/lab/lab.py's client)."""
+    return labtool.prometheus(the_lab, requests)
 
 
 def test_every_target_is_scraped_and_up(the_lab):

@@ -37,11 +37,13 @@ print(json.dumps({"driver": pynvml.nvmlSystemGetDriverVersion(),
 pynvml.nvmlShutdown()
 """
 
-PROMETHEUS_QUERY = r"""
-import json, sys, urllib.parse, urllib.request
-url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": sys.argv[1]})
-print(json.dumps(json.load(urllib.request.urlopen(url, timeout=20))["data"]["result"]))
-"""
+
+
+def prometheus_query(lab: labtool.Lab, promql: str) -> list[dict]:
+    """The head's Prometheus's answer to one instant query (tests/lab/lab.py's client: TLS and its password)."""
+    (answer,) = labtool.prometheus(lab, [("/api/v1/query", {"query": promql})])
+    assert answer.get("status") == "success", (promql, answer)
+    return answer["data"]["result"]
 
 
 def the_lab() -> labtool.Lab:
@@ -98,18 +100,10 @@ def test_workers_read_simulated_gpus_through_nvml_and_prometheus_has_them() -> N
 
         deadline = time.monotonic() + 60
         while True:
-            info = json.loads(
-                ssh(
-                    lab,
-                    lab.nodes[0],
-                    "python3 -c "
-                    + shlex.quote(PROMETHEUS_QUERY)
-                    + " "
-                    + shlex.quote(
-                        f'rayrack_gpu_info{{node="{node.name}"}} * on(node) group_left(backend) '
-                        f'rayrack_gpu_backend_info{{node="{node.name}",backend="nvml"}}'
-                    ),
-                )
+            info = prometheus_query(
+                lab,
+                f'rayrack_gpu_info{{node="{node.name}"}} * on(node) group_left(backend) '
+                f'rayrack_gpu_backend_info{{node="{node.name}",backend="nvml"}}',
             )
             found = sorted((r["metric"]["uuid"], r["metric"]["model"]) for r in info)
             if found == sorted(gpus) or time.monotonic() > deadline:
@@ -147,9 +141,7 @@ def test_gpm_from_the_simulator_reaches_prometheus_only_for_gpm_gpus() -> None:
         assert len(expected) < len(compiled_gpus(text)[1]), f"{node.name}: every GPU has GPM; nothing to compare"
 
         def query(promql: str) -> list[dict]:
-            return json.loads(
-                ssh(lab, lab.nodes[0], "python3 -c " + shlex.quote(PROMETHEUS_QUERY) + " " + shlex.quote(promql))
-            )
+            return prometheus_query(lab, promql)
 
         deadline = time.monotonic() + 60
         while True:
