@@ -92,12 +92,13 @@ def test_ray_version_latest_is_reported_once_for_all_hosts():
 def test_ray_too_old_for_token_auth():
     groups, hostvars = cluster(head={"rayrack_ray_version": "2.40.0", "rayrack_ray_auth_token_enabled": True})
     assert errors(groups, hostvars) == [
-        "rayrack_ray_version: token authentication needs Ray >= 2.52.0; got 2.40.0 "
-        "(or set rayrack_ray_auth_token_enabled: false)"]
+        "rayrack_ray_version: token authentication needs Ray >= 2.52.0; got 2.40.0 (or turn it off: "
+        "rayrack_ray_auth_token_enabled: false, with rayrack_accept_insecure: [rayrack_ray_auth_token_enabled])"]
 
 
 def test_old_ray_is_fine_without_token_auth():
-    groups, hostvars = cluster(head={"rayrack_ray_version": "2.40.0", "rayrack_ray_auth_token_enabled": False})
+    groups, hostvars = cluster(head={"rayrack_ray_version": "2.40.0", "rayrack_ray_auth_token_enabled": False,
+                                     "rayrack_accept_insecure": ["rayrack_ray_auth_token_enabled"]})
     assert errors(groups, hostvars) == []
 
 
@@ -173,8 +174,10 @@ def test_role_variables_are_checked_from_their_argument_specs():
 def test_port_collision_and_worker_range():
     groups, hostvars = cluster(head={"rayrack_ray_dashboard_port": 6379, "rayrack_ray_client_port": 10500})
     found = errors(groups, hostvars)
-    assert "rayrack_ray_gcs_port: port 6379 is also rayrack_ray_dashboard_port" in found
-    assert "rayrack_ray_client_port: port 10500 lies inside the worker port range 10002-10999" in found
+    assert found == [
+        "rayrack_ray_gcs_port: port 6379 is also rayrack_ray_dashboard_port (on head)",
+        "rayrack_ray_client_port: port 10500 lies inside the worker port range rayrack_ray_min_worker_port.."
+        "rayrack_ray_max_worker_port, 10002-10999 (on head)"]
 
 
 def test_port_out_of_range():
@@ -186,7 +189,8 @@ def test_cluster_cidr():
     groups, hostvars = cluster(head={"rayrack_cluster_cidr": "10.0.0.8/30"})
     assert errors(groups, hostvars) == ["worker2: address 10.0.0.12 is outside rayrack_cluster_cidr 10.0.0.8/30"]
     groups, hostvars = cluster(head={"rayrack_cluster_cidr": "10.0.0/33"})
-    assert errors(groups, hostvars) == ["rayrack_cluster_cidr: must be a network such as 10.0.0.0/24; got '10.0.0/33'"]
+    assert errors(groups, hostvars) == [
+        "rayrack_cluster_cidr: must be empty, or a network (CIDR) such as 10.0.0.0/24; got '10.0.0/33' (on head)"]
 
 
 def test_gpu_workers_from_inventory_or_fact():
