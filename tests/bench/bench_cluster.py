@@ -90,7 +90,7 @@ def unit_command(node: labtool.Node) -> list[str]:
     unit = "ray-head" if node.group == "ray_head" else "ray-worker"
     text = node_exec(node, "systemctl", "cat", unit)
     exec_start = text.split("ExecStart=", 1)[1].split("\n# ", 1)[0]
-    args = [a.strip().strip("'") for a in exec_start.replace("\\\n", " ").split()]
+    args = [a.strip().strip("'\"") for a in exec_start.replace("\\\n", " ").split()]
     return [a for a in args if a and a != "--block"]
 
 
