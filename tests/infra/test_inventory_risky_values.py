@@ -145,6 +145,7 @@ def test_scope_id_in_a_host_that_is_no_ray_node():
     ("nfs_server_clients", ["{}"]),
     ("rayrack_cluster_cidr", "{}/64"),
     ("rayrack_nfs_server", "{}"),
+    ("rayrack_head_address", "{}"),
     ("rayrack_ray_dashboard_host", "{}"),
     ("grafana_http_addr", "{}"),
     ("prometheus_listen_address", "[{}]:9090"),

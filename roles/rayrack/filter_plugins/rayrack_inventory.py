@@ -47,6 +47,7 @@ FORMATS = {
     "rayrack_pip_index_url": URL,
     "rayrack_prometheus_url": URL,
     "rayrack_grafana_url": URL,
+    "rayrack_gateway_url": URL,
     "grafana_prometheus_url": URL,
     "alertmanager_external_url": URL,
     "prometheus_retention_time": DURATION,
@@ -92,7 +93,7 @@ ENV_NAME = (r"[A-Za-z_][A-Za-z0-9_]*", "an environment variable name (letters, d
 # networks, an address or host name (or empty), host:port, or a list of host:port.
 ADDRESS_VARIABLES = {
     "rayrack_cluster_cidr": "network", "rayrack_nfs_server": "host", "rayrack_ray_dashboard_host": "host",
-    "ray_agent_listen_host": "host", "grafana_http_addr": "host",
+    "rayrack_head_address": "host", "ray_agent_listen_host": "host", "grafana_http_addr": "host",
     "prometheus_listen_address": "listen", "alertmanager_listen_address": "listen",
     "prometheus_alertmanagers": "listens",
     "firewall_allowed_sources": "networks", "firewall_ssh_sources": "networks",
