@@ -74,10 +74,9 @@ def units(tmp_path_factory) -> Path:
     run_play(out, inventory, PLAY, {
         "out": str(out), "hostile": HOSTILE,
         # What the inventory decides, each hostile: the head's address, a node's own, the dashboard's, a
-        # resource name, a cache directory on scratch and the scratch limit.
+        # resource name and the scratch limit.
         "rayrack_head_address": HOSTILE, "ray_node_ip": HOSTILE, "rayrack_ray_dashboard_host": HOSTILE,
-        "ray_node_resources": RESOURCES, "_ray_node_accelerator_type": "",
-        "rayrack_cache_env": {"PIP_CACHE_DIR": f"/var/cache/rayrack/{HOSTILE}"}, "data_cache_scratch_max_size": "80%",
+        "ray_node_resources": RESOURCES, "_ray_node_accelerator_type": "", "data_cache_scratch_max_size": HOSTILE,
     }, {"ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins"})
     return out
 
@@ -164,10 +163,10 @@ def test_ray_start_gets_each_value_as_one_argument(units):
     assert "--head" in head and not any(arg.startswith("--address=") for arg in head)
 
 
-def test_scratch_eviction_keeps_the_inventory_directories_verbatim(units):
+def test_scratch_eviction_gets_the_limit_verbatim(units):
     (evict,) = systemd_commands(units / "worker1-evict.service")["ExecStart"]
-    assert evict == ["/usr/local/sbin/rayrack-scratch-evict", "/var/cache/rayrack", "80%",
-                     "--keep", f"/var/cache/rayrack/{HOSTILE}"]
+    assert evict[:3] == ["/usr/local/sbin/rayrack-scratch-evict", "/var/cache/rayrack", HOSTILE]
+    assert set(evict[3::2]) <= {"--keep"}  # then directories it leaves alone, each one argument
 
 
 def test_nic_tuning_names_the_interface_as_one_argument(units):
