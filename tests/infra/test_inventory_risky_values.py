@@ -18,7 +18,9 @@ sys.path.insert(0, str(REPO / "tests" / "lab"))
 import lab as labtool
 
 ALL = "(on head, worker1, worker2)"
-HEAD = "(on head)"
+SPECS = inv.load_specs()
+# Who may mount the NFS export, by whichever variable the storage roles name it.
+NFS_CLIENTS = [name for name in ("nfs_server_clients", "rayrack_nfs_clients") if name in SPECS]
 
 
 def everywhere(**values):
@@ -40,11 +42,7 @@ INSECURE = [
     ("firewall_ssh_sources", ["::/0"], "firewall_ssh_sources: ::/0 admits every address to SSH"),
     ("firewall_monitoring_sources", ["0.0.0.0/0.0.0.0"],
      "firewall_monitoring_sources: 0.0.0.0/0.0.0.0 admits every address to the metrics ports and Prometheus"),
-    ("nfs_server_clients", ["0.0.0.0/0"], "nfs_server_clients: 0.0.0.0/0 lets every address mount the shared tree"),
-]
-if "rayrack_nfs_clients" in inv.load_specs():
-    INSECURE.append(("rayrack_nfs_clients", ["::/0"],
-                     "rayrack_nfs_clients: ::/0 lets every address mount the shared tree"))
+] + [(name, ["::/0"], f"{name}: ::/0 lets every address mount the shared tree") for name in NFS_CLIENTS]
 
 
 @pytest.mark.parametrize(("key", "value", "why"), INSECURE, ids=[case[0] for case in INSECURE])
@@ -142,7 +140,6 @@ def test_scope_id_in_a_host_that_is_no_ray_node():
     ("firewall_allowed_sources", ["10.0.0.0/24", "{}/64"]),
     ("firewall_ssh_sources", ["{}"]),
     ("firewall_monitoring_sources", ["{}"]),
-    ("nfs_server_clients", ["{}"]),
     ("rayrack_cluster_cidr", "{}/64"),
     ("rayrack_nfs_server", "{}"),
     ("rayrack_head_address", "{}"),
@@ -150,7 +147,7 @@ def test_scope_id_in_a_host_that_is_no_ray_node():
     ("grafana_http_addr", "{}"),
     ("prometheus_listen_address", "[{}]:9090"),
     ("prometheus_alertmanagers", ["[{}]:9093"]),
-])
+] + [(name, ["{}"]) for name in NFS_CLIENTS])
 def test_scope_id_in_a_variable(key, value, address):
     value = [v.format(address) for v in value] if isinstance(value, list) else value.format(address)
     bad = value[-1] if isinstance(value, list) else value
@@ -199,7 +196,7 @@ def test_port_clash_names_both_keys(values, expected):
 
 def test_a_service_and_its_firewall_copy_share_their_port():
     # The default node_exporter and Prometheus ports appear twice (role and firewall): one service, no clash.
-    ports = inv.kit_ports({}, inv.load_specs())
+    ports = inv.kit_ports({}, SPECS)
     assert ("node_exporter", "prometheus_node_exporter_port", 9100) in ports
     assert ("node_exporter", "firewall_node_exporter_port", 9100) in ports
     assert ("Prometheus", "prometheus_listen_address", 9090) in ports
@@ -215,7 +212,7 @@ def test_port_clash_on_one_host_names_that_host():
 # --- Paths --------------------------------------------------------------------------------------------------
 NODE_RULE = ("must be an absolute path of letters, digits and . _ / - only (^/[A-Za-z0-9._/-]+$): unit files and "
              "command lines on the nodes read it unquoted")
-NODE_PATHS = sorted(name for name, spec in inv.load_specs().items()
+NODE_PATHS = sorted(name for name, spec in SPECS.items()
                     if spec.get("type") == "path" and name not in inv.CONTROLLER_PATHS)
 
 
@@ -287,8 +284,7 @@ def test_a_user_name_with_a_trailing_newline():
 
 # --- What ships still validates ----------------------------------------------------------------------------
 def test_every_documented_default_passes_its_own_rules():
-    specs = inv.load_specs()
-    problems = {name: inv.check_value(name, spec["default"], spec) for name, spec in specs.items()
+    problems = {name: inv.check_value(name, spec["default"], spec) for name, spec in SPECS.items()
                 if "default" in spec and spec["default"] is not None}
     assert {name: p for name, p in problems.items() if p} == {}
 
