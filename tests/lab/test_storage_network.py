@@ -87,7 +87,8 @@ def test_a_file_written_on_a_worker_is_read_over_nfs_and_on_the_head():
     on(WORKER, f"echo {token} | sudo tee /srv/rayrack-shared/{name} >/dev/null")
     try:
         assert on(HEAD, f"cat /srv/rayrack-shared/{name}").strip() == token
-        over_nfs = on(WORKER, f"nfs-cat 'nfs://{HEAD.ip}/srv/rayrack-shared/{name}?version=4'")
+        # As root: the server admits privileged source ports only.
+        over_nfs = on(WORKER, f"sudo nfs-cat 'nfs://{HEAD.ip}/srv/rayrack-shared/{name}?version=4'")
         assert over_nfs.strip() == token
     finally:
         on(WORKER, f"sudo rm -f /srv/rayrack-shared/{name}")

@@ -168,7 +168,8 @@ def rendezvous(address: str, tmp_path: Path) -> tuple[str, dict]:
 
 
 def train(address: str, name: str, timeout_s: int) -> tuple[str, str, float]:
-    storage = f"{SHARED}/scratch/train-{LAB.name}"
+    # Alice's scratch: hers and her jobs' (group ray), nobody else's.
+    storage = f"{SHARED}/scratch/alice/train-{LAB.name}"
     return run_job(address, f"python train.py {storage} {name} {accelerator_type()} {timeout_s}", TRAIN_JOB,
                    timeout=900)
 
