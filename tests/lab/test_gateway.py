@@ -1,9 +1,9 @@
 """Researchers through the jobs gateway on the converged molecule lab, with the stock Ray CLI over TLS.
 
-Each user is a plain Linux login on a worker (the firewall refuses the lab host: it is an outsider), with their
-token in ~/.rayrack/token and the cluster CA the role installed. A job is the submitter's: another user cannot
-stop it, an admin can. A revoked token is refused at once (the gateway restarted, Ray not), and a user token
-opens neither Ray Client nor the GCS.
+Each user is a plain Linux login on a worker, made by the converge (the firewall refuses the lab host: it is an
+outsider), with their token in ~/.rayrack/token and the cluster CA the role installed. A job is the
+submitter's: another user cannot stop it, an admin can. A revoked token is refused at once (the gateway
+restarted, Ray not), and a user token opens neither Ray Client nor the GCS.
 
 RAYRACK_LAB names another lab (default: molecule).
 """
@@ -106,9 +106,11 @@ def install_token(user: str) -> None:
 def researchers():
     if LAB is None:
         pytest.fail(f"lab {LAB_NAME!r} is not up: `make integration` converges the molecule lab, then runs these")
+    uids = {user["name"]: user["uid"] for user in labtool.LAB_USERS}
     for user in USERS:
-        created = on("worker1", f"sh -c 'id -u {user} >/dev/null 2>&1 || sudo useradd --create-home {user}'")
-        assert created.returncode == 0, created.stderr
+        # The converge made each login with the inventory's uid.
+        made = on("worker1", f"id -u {user}")
+        assert made.returncode == 0 and made.stdout.strip() == str(uids[user]), (made.stdout, made.stderr)
         install_token(user)
         install(user, "ca.crt", (LAB.inventory_dir / ".secrets" / "ca" / "ca.crt").read_text())
     job_dir = "~/job"

@@ -4,6 +4,7 @@ import http.server
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shlex
 import subprocess
@@ -220,5 +221,12 @@ def test_idle_guard_stops_the_idle_job_and_dry_run_stops_nothing():
         # Leave the lab as converged for the tests after this one (an active guard would stop their jobs).
         for path in (host_vars / f"{dry.name}.yml", host_vars / f"{live.name}.yml", group_vars):
             path.unlink(missing_ok=True)
+        # Drift the restoring converge must also repair: a node's firewall table removed, as `nft flush
+        # ruleset` or another tool replacing the rules would.
+        labtool.podman("exec", dry.container, "nft", "delete", "table", "inet", "rayrack")
         restored = converge_guard_settings()
         assert restored.returncode == 0, restored.stdout[-4000:]
+        reloaded = re.search(r"TASK \[firewall : Load the table again\][^\n]*\n(.*?)\n\s*\n", restored.stdout, re.S)
+        assert reloaded and f"changed: [{dry.name}]" in reloaded.group(1), restored.stdout[-6000:]
+        table = labtool.podman("exec", dry.container, "nft", "list", "table", "inet", "rayrack", capture=True)
+        assert "policy drop;" in table.stdout, table.stdout

@@ -8,6 +8,7 @@ described and checked in one place.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,10 @@ except ImportError:  # Ansible from outside the project's venv: the agent's sour
 
     sys.path.insert(0, str(ROLES_DIR.parent))
     from ray_agent.users import RESERVED_USER_NAMES, USER_NAME, parse_contact
+# The shared tree's rules, beside this file (Ansible does not put filter directories on sys.path).
+_tree_spec = importlib.util.spec_from_file_location("rayrack_tree", Path(__file__).with_name("rayrack_tree.py"))
+rayrack_tree = importlib.util.module_from_spec(_tree_spec)
+_tree_spec.loader.exec_module(rayrack_tree)
 CLUSTER_PREFIX = "rayrack_"
 HEAD_GROUP, WORKER_GROUP = "ray_head", "ray_workers"
 MIN_TOKEN_AUTH_RAY = (2, 52, 0)
@@ -70,8 +75,11 @@ ELEMENT_FORMATS = {
     "rayrack_shared_packages": PINNED_REQUIREMENT,
 }
 # rayrack_users: each entry's keys and their checks, the name's form (also a Linux login's), the contact's parts.
-USER_KEYS = {"name": "a string", "contact": "a string", "admin": "a boolean (true/false, unquoted)",
+USER_KEYS = {"name": "a string", "uid": "a login ID 1000-59999 (the same on every node and the shared tree)",
+             "contact": "a string", "admin": "a boolean (true/false, unquoted)",
              "max_gpus": "a whole number of GPUs (0 or more), or null for no limit"}
+# Regular logins' IDs on Debian and RHEL (login.defs UID_MIN..UID_MAX): system accounts and nobody stay out.
+USER_UIDS = range(1000, 60000)
 MIN_USER_TOKEN_CHARS = 32
 TYPE_NAMES = {"bool": "a boolean (true/false, unquoted)", "int": "an integer", "str": "a string",
               "path": "a path string", "list": "a list", "dict": "a mapping", "raw": "any value"}
@@ -304,13 +312,17 @@ def _user_value_ok(key: str, value: Any) -> bool:
         return isinstance(value, str)
     if key == "admin":
         return isinstance(value, bool)
+    if key == "uid":
+        return isinstance(value, int) and not isinstance(value, bool) and value in USER_UIDS
     return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
 
 
-def users_errors(users: list[Mapping[str, Any]], tokens: Mapping[str, Any]) -> list[str]:
-    """rayrack_users (a list of mappings) and rayrack_user_tokens (a mapping): each problem naming its entry."""
+def users_errors(users: list[Mapping[str, Any]], tokens: Mapping[str, Any], admin_gid: Any = None) -> list[str]:
+    """rayrack_users (a list of mappings) and rayrack_user_tokens (a mapping): each problem naming its entry.
+    admin_gid: rayrack_admin_gid, which no user's own group (gid = uid) may take."""
     errors: list[str] = []
     first: dict[str, int] = {}
+    uids: dict[int, int] = {}
     for index, user in enumerate(users):
         where = f"rayrack_users[{index}]"
         for key in user:
@@ -332,6 +344,16 @@ def users_errors(users: list[Mapping[str, Any]], tokens: Mapping[str, Any]) -> l
             errors.append(f"rayrack_users[{first[name]}] and {where} are both {name}")
         elif isinstance(name, str):
             first[name] = index
+        uid = user.get("uid")
+        if "uid" not in user:
+            errors.append(f"{where}: has no uid; give each user the numeric ID their files have on every node and "
+                          f"the shared tree (1000-59999)")
+        elif _user_value_ok("uid", uid):
+            if uid in uids:
+                errors.append(f"rayrack_users[{uids[uid]}] and {where} both have uid {uid}")
+            elif uid == admin_gid:
+                errors.append(f"{where}.uid: {uid} is rayrack_admin_gid; a user's own group takes the uid as its ID")
+            uids.setdefault(uid, index)
         contact = user.get("contact")
         if isinstance(contact, str):
             try:
@@ -459,7 +481,9 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapping[str, Mapping[str, Any]],
-                             specs: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+                             specs: Mapping[str, Mapping[str, Any]] | None = None,
+                             derived: Mapping[str, Any] | None = None) -> list[str]:
+    """derived: defaults that are templates of other settings (rayrack_package_dir), as the play resolved them."""
     specs = load_specs() if specs is None else specs
     prefixes = _known_prefixes(specs)
     errors: list[str] = []
@@ -519,6 +543,7 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
     # Cluster-wide values: the inventory's, else the documented default (role defaults are not in hostvars here).
     cluster = {name: spec["default"] for name, spec in specs.items() if name.startswith(CLUSTER_PREFIX)
                and "default" in spec}
+    cluster.update(derived or {})
     cluster.update({k: v for k, v in hostvars[anchor].items() if k.startswith(CLUSTER_PREFIX)})
     cidr = cluster.get("rayrack_cluster_cidr", "")
     if cidr:
@@ -540,14 +565,24 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
                       f"it; got {packages!r}")
     elif shared and packages and str(packages)[len(str(shared).rstrip("/")) + 1:].strip("/") in \
             cluster.get("rayrack_shared_layout", []):
-        errors.append(f"rayrack_package_dir: {packages} is one of rayrack_shared_layout, which everyone may write; "
-                      "pip would install what any job put there")
+        errors.append(f"rayrack_package_dir: {packages} is one of rayrack_shared_layout, which the admin group "
+                      "writes; keep it root's alone, so pip installs only what root put there")
+    errors.extend(rayrack_tree.layout_errors(cluster.get("rayrack_shared_layout") or []))
+    # Caches every login and job trusts: only where no user or job writes (the admin-curated layout, packages).
+    trusted = [f"{str(shared).rstrip('/')}/{entry}" for entry in cluster.get("rayrack_shared_layout") or []]
+    trusted += [str(packages)] if packages else []
+    for name, path in sorted((cluster.get("rayrack_cache_env") or {}).items()):
+        if not any(str(path) == t or str(path).startswith(t.rstrip("/") + "/") for t in trusted):
+            errors.append(f"rayrack_cache_env: {name} points at {path!r}, which users or jobs may write; point it into "
+                          f"rayrack_shared_layout or rayrack_package_dir ({', '.join(trusted)}), or leave it out "
+                          "(each login then caches in its own home)")
     if cluster.get("rayrack_shared_packages") and cluster.get("rayrack_nfs_server"):
         errors.append("rayrack_shared_packages: rayrack does not write into an existing NAS (rayrack_nfs_server); "
                       f"copy the wheels into {packages or 'the package directory'} on the NAS as root, and leave "
                       "rayrack_shared_packages empty")
 
-    errors.extend(users_errors(cluster.get("rayrack_users") or [], cluster.get("rayrack_user_tokens") or {}))
+    errors.extend(users_errors(cluster.get("rayrack_users") or [], cluster.get("rayrack_user_tokens") or {},
+                               cluster.get("rayrack_admin_gid")))
 
     # The idle guard stops jobs through the Jobs API on the head: workers must be able to reach it.
     dashboard = cluster.get("rayrack_ray_dashboard_host")
