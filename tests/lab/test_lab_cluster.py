@@ -184,7 +184,7 @@ def test_idle_guard_stops_the_idle_job_and_dry_run_stops_nothing():
         guard = {
             "nvml_sim_scenario": "builtin:lab-2gpu-ray",
             "ray_agent_guard_enabled": True,
-            "ray_agent_guard_window": "60s",
+            "ray_agent_guard_window": "30s",
             "ray_agent_guard_notify_after": "0s",
             "ray_agent_guard_stop_after": "20s",
             "ray_agent_guard_webhook_url": f"http://{receiver.server_address[0]}:{receiver.server_address[1]}/hook",
@@ -199,7 +199,7 @@ def test_idle_guard_stops_the_idle_job_and_dry_run_stops_nothing():
 
         base = f"http://{head.ip}:8265"
         ids = {node.name: jobs(base, SUBMIT, GUARD_JOB, node.ip).strip().splitlines()[-1] for node in (dry, live)}
-        deadline = time.monotonic() + 420  # idle after 1 min, a 60 s window, stop 20 s later: about 3 min
+        deadline = time.monotonic() + 420  # idle 1 min after the agent starts, a 30 s window, stop 20 s later
         while time.monotonic() < deadline and jobs(base, STATUS, ids[live.name]).strip() != "STOPPED":
             time.sleep(10)
         assert jobs(base, STATUS, ids[live.name]).strip() == "STOPPED"
