@@ -97,8 +97,8 @@ def unit_command(node: labtool.Node) -> list[str]:
 def plain_start_time(commands: dict[str, list[str]]) -> float:
     stop_units()
     head, workers = LAB.nodes[0], LAB.nodes[1:]
-    as_ray = ["runuser", "-u", "ray", "--", "env", "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH=/etc/rayrack/ray_token",
-              "HOME=/var/lib/rayrack", "PATH=/opt/rayrack/venv/bin:/usr/bin:/bin"]
+    # The units' own environment (token, TLS, PATH, HOME), as a shell on the node gets it.
+    as_ray = ["runuser", "-u", "ray", "--", "sh", "-c", 'set -a; . /etc/rayrack/ray.env; set +a; exec "$@"', "sh"]
     t0 = time.time()
     node_exec(head, *as_ray, *commands[head.name])
     procs = [subprocess.Popen(["podman", "exec", w.container, *as_ray, *commands[w.name]],

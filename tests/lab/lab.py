@@ -95,6 +95,8 @@ HOST_PACKAGES = {
     "amtool": "prometheus-alertmanager",
     # memcheck runs a C client of the simulated NVML library under it (tests/nvml_sim/test_memcheck.py).
     "valgrind": "valgrind",
+    # Captures what crosses the lab network's bridge (tests/lab/test_ray_tls.py).
+    "tcpdump": "tcpdump",
 }
 # Checked by package name, installed without Recommends (vagrant-libvirt's pull in libguestfs and an NFS
 # server): the tests only run `vagrant validate` on the Vagrantfile.
