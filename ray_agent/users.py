@@ -21,6 +21,7 @@ UNKNOWN_OWNER = "unknown"
 
 # A user name, also usable as a Linux login and a submission id prefix. The inventory check
 # (roles/rayrack/filter_plugins, rayrack_users) and the gateway's users.json reader both use this one.
+# Match it with fullmatch: a bare `$` also matches before a final newline ("alice\n").
 USER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # No user may take the owner name of jobs submitted around the gateway.
 RESERVED_USER_NAMES = frozenset({UNKNOWN_OWNER})

@@ -73,7 +73,7 @@ def parse_users(document: Any, source: str) -> Users:
         if unknown:
             raise error(f"{where}.{unknown[0]}", f"unknown key; allowed keys: {', '.join(_USER_KEYS)}")
         name = item.get("name")
-        if not isinstance(name, str) or not USER_NAME.match(name):
+        if not isinstance(name, str) or not USER_NAME.fullmatch(name):
             raise error(f"{where}.name", f"must match {USER_NAME.pattern}, got {name!r}")
         if name in seen:
             raise error(f"{where}.name", f"{name!r} is also users[{seen[name]}]")

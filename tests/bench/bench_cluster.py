@@ -90,15 +90,15 @@ def unit_command(node: labtool.Node) -> list[str]:
     unit = "ray-head" if node.group == "ray_head" else "ray-worker"
     text = node_exec(node, "systemctl", "cat", unit)
     exec_start = text.split("ExecStart=", 1)[1].split("\n# ", 1)[0]
-    args = [a.strip().strip("'") for a in exec_start.replace("\\\n", " ").split()]
+    args = [a.strip().strip("'\"") for a in exec_start.replace("\\\n", " ").split()]
     return [a for a in args if a and a != "--block"]
 
 
 def plain_start_time(commands: dict[str, list[str]]) -> float:
     stop_units()
     head, workers = LAB.nodes[0], LAB.nodes[1:]
-    as_ray = ["runuser", "-u", "ray", "--", "env", "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH=/etc/rayrack/ray_token",
-              "HOME=/var/lib/rayrack", "PATH=/opt/rayrack/venv/bin:/usr/bin:/bin"]
+    # The units' own environment (token, TLS, PATH, HOME), as a shell on the node gets it.
+    as_ray = ["runuser", "-u", "ray", "--", "sh", "-c", 'set -a; . /etc/rayrack/ray.env; set +a; exec "$@"', "sh"]
     t0 = time.time()
     node_exec(head, *as_ray, *commands[head.name])
     procs = [subprocess.Popen(["podman", "exec", w.container, *as_ray, *commands[w.name]],

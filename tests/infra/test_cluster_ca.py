@@ -3,6 +3,7 @@ made once, unchanged by a re-run, renewed when close to expiry, and the certific
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 from pathlib import Path
@@ -71,3 +72,33 @@ def test_made_once_verified_by_the_ca_and_renewed_near_expiry(tmp_path):
     assert renewed.serial_number != first.serial_number and new_ca.serial_number != ca.serial_number
     renewed.verify_directly_issued_by(new_ca)
     first.verify_directly_issued_by(new_ca)
+
+
+def test_rays_certificate_key_for_its_group_loopback_names_and_a_new_ca(tmp_path):
+    """What Ray's mutual TLS asks of node_cert.yml: a key its group reads, loopback among the names (Ray Client's
+    proxy dials its per-client servers there), and a certificate signed again when the CA is a new one."""
+    if os.geteuid() != 0:
+        pytest.skip("the tasks install root-owned files")
+    play = PLAY.replace("rayrack_cert_name: gateway", "rayrack_cert_name: ray\n        rayrack_cert_key_group: daemon\n"
+                        "        rayrack_cert_extra_sans: [127.0.0.1, '::1', localhost]")
+    settings = {"rayrack_config_dir": str(tmp_path / "etc"), "rayrack_secrets_dir": str(tmp_path / "secrets")}
+    inventory = {"all": {"children": {"ray_head": {"hosts": {"head": {
+        "ansible_host": "10.0.0.10", "ansible_connection": "local",
+        "ansible_python_interpreter": str(REPO / ".venv" / "bin" / "python")}}}}}}
+    (tmp_path / "etc").mkdir()
+    env = {"ANSIBLE_ROLES_PATH": str(ROLES), "ANSIBLE_FORCE_COLOR": "0"}
+    run_play(tmp_path, inventory, play, settings, env)
+    key = (tmp_path / "etc" / "tls" / "ray.key").stat()
+    assert (oct(key.st_mode & 0o777), key.st_uid, key.st_gid) == ("0o640", 0, grp.getgrnam("daemon").gr_gid)
+    first = cert(tmp_path / "etc" / "tls" / "ray.crt")
+    sans = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)) == ["10.0.0.10", "127.0.0.1", "::1"]
+    assert sorted(sans.get_values_for_type(x509.DNSName)) == ["head", "localhost"]
+
+    # The CA replaced on the controller (its directory lost): every node's certificate is signed again by it.
+    for name in ("ca.key", "ca.crt"):
+        (tmp_path / "secrets" / "ca" / name).unlink()
+    run_play(tmp_path, inventory, play, settings, env)
+    new_ca, renewed = cert(tmp_path / "etc" / "ca.crt"), cert(tmp_path / "etc" / "tls" / "ray.crt")
+    assert renewed.serial_number != first.serial_number
+    renewed.verify_directly_issued_by(new_ca)

@@ -41,12 +41,14 @@ PLAY = f"""
 """
 
 
-def render(tmp_path: Path, monitoring: dict | None = None, **settings: object) -> str:
+def render(tmp_path: Path, monitoring: dict | None = None, nfs_server: str | None = None, **settings: object) -> str:
     inventory = {"all": {"vars": {"ansible_connection": "local"}, "children": {
         "ray_head": {"hosts": {"head": HOSTS["head"]}},
         "ray_workers": {"hosts": {name: HOSTS[name] for name in ("worker1", "worker2")}}}}}
     if monitoring:
         inventory["all"]["children"]["monitoring"] = {"hosts": monitoring}
+    if nfs_server:
+        inventory["all"]["children"]["nfs_server"] = {"hosts": {nfs_server: {}}}
     dest = tmp_path / "rayrack.nft"
     # nft resolves the Ray user of the head's output rule: `nobody` stands in for it, which this machine may lack.
     run_play(tmp_path, inventory, PLAY, {"dest": str(dest), "rayrack_ray_user": "nobody", **settings},
@@ -102,6 +104,21 @@ def test_gateway_port_open_on_the_head_only_to_the_cluster_and_the_nodes(tmp_pat
     checked = nft_accepts(tmp_path / "rayrack.nft")
     assert checked.returncode == 0, checked.stderr
     assert "8443" not in render(tmp_path, firewall_render_host="head", rayrack_gateway_enabled=False)
+
+
+def test_nfs_is_open_to_the_nodes_and_the_named_clients_only_even_with_a_cluster_network(tmp_path):
+    # The allowed set is a whole network; a machine in it that is not a node must not reach NFS.
+    settings = {"firewall_render_host": "head", "rayrack_cluster_cidr": "10.20.0.0/16"}
+    head = render(tmp_path, nfs_server="head", **settings)
+    assert elements(head, "cluster_ipv4") == {"10.20.0.0/16"}
+    assert "ip saddr @nfs_clients_ipv4 tcp dport { 2049 } accept" in head
+    assert not re.search(r"@cluster_ipv4 tcp dport \{[^}]*2049", head)
+    assert elements(head, "nfs_clients_ipv4") == {"10.20.0.10/32", "10.20.0.11/32", "10.20.0.12/32"}
+    checked = nft_accepts(tmp_path / "rayrack.nft")
+    assert checked.returncode == 0, checked.stderr
+    widened = render(tmp_path, nfs_server="head", rayrack_nfs_clients=["10.20.9.0/24"], **settings)
+    assert "10.20.9.0/24" in elements(widened, "nfs_clients_ipv4")
+    assert "2049" not in render(tmp_path, nfs_server="head", firewall_render_host="worker1")
 
 
 OUTPUT_RULE = 'oif "lo" meta skuid "{user}" tcp dport {{ 9090, 9093, 3000 }} counter reject with tcp reset'

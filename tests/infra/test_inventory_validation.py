@@ -92,12 +92,13 @@ def test_ray_version_latest_is_reported_once_for_all_hosts():
 def test_ray_too_old_for_token_auth():
     groups, hostvars = cluster(head={"rayrack_ray_version": "2.40.0", "rayrack_ray_auth_token_enabled": True})
     assert errors(groups, hostvars) == [
-        "rayrack_ray_version: token authentication needs Ray >= 2.52.0; got 2.40.0 "
-        "(or set rayrack_ray_auth_token_enabled: false)"]
+        "rayrack_ray_version: token authentication needs Ray >= 2.52.0; got 2.40.0 (or turn it off: "
+        "rayrack_ray_auth_token_enabled: false, with rayrack_accept_insecure: [rayrack_ray_auth_token_enabled])"]
 
 
 def test_old_ray_is_fine_without_token_auth():
-    groups, hostvars = cluster(head={"rayrack_ray_version": "2.40.0", "rayrack_ray_auth_token_enabled": False})
+    groups, hostvars = cluster(head={"rayrack_ray_version": "2.40.0", "rayrack_ray_auth_token_enabled": False,
+                                     "rayrack_accept_insecure": ["rayrack_ray_auth_token_enabled"]})
     assert errors(groups, hostvars) == []
 
 
@@ -138,11 +139,22 @@ def test_package_directory_must_be_on_the_shared_tree():
         "got '/opt/wheels'"]
 
 
-def test_package_directory_must_not_be_a_world_writable_one():
+def test_package_directory_must_not_be_a_group_writable_one():
     groups, hostvars = cluster(head={"rayrack_package_dir": "/srv/rayrack-shared/wheelhouse"})
     assert errors(groups, hostvars) == [
-        "rayrack_package_dir: /srv/rayrack-shared/wheelhouse is one of rayrack_shared_layout, which everyone may "
-        "write; pip would install what any job put there"]
+        "rayrack_package_dir: /srv/rayrack-shared/wheelhouse is one of rayrack_shared_layout, which the admin group "
+        "writes; keep it root's alone, so pip installs only what root put there"]
+
+
+@pytest.mark.parametrize(("entry", "why"), [
+    ("../etc", "must be a relative path of names (letters, digits, '.', '_', '-'; no '..')"),
+    ("models/with space", "must be a relative path of names (letters, digits, '.', '_', '-'; no '..')"),
+    ("scratch/shared", "lies in scratch/, which rayrack lays out itself (users' directories, the smoke job)"),
+    ("ray/working_dirs", "lies in ray/, which rayrack lays out itself (users' directories, the smoke job)"),
+])
+def test_shared_layout_entries(entry, why):
+    groups, hostvars = cluster(head={"rayrack_shared_layout": ["datasets", entry]})
+    assert errors(groups, hostvars) == [f"rayrack_shared_layout: {entry!r} {why}"]
 
 
 def test_shared_packages_are_not_written_into_an_existing_nas():
@@ -173,8 +185,10 @@ def test_role_variables_are_checked_from_their_argument_specs():
 def test_port_collision_and_worker_range():
     groups, hostvars = cluster(head={"rayrack_ray_dashboard_port": 6379, "rayrack_ray_client_port": 10500})
     found = errors(groups, hostvars)
-    assert "rayrack_ray_gcs_port: port 6379 is also rayrack_ray_dashboard_port" in found
-    assert "rayrack_ray_client_port: port 10500 lies inside the worker port range 10002-10999" in found
+    assert found == [
+        "rayrack_ray_gcs_port: port 6379 is also rayrack_ray_dashboard_port (on head)",
+        "rayrack_ray_client_port: port 10500 lies inside the worker port range rayrack_ray_min_worker_port.."
+        "rayrack_ray_max_worker_port, 10002-10999 (on head)"]
 
 
 def test_port_out_of_range():
@@ -186,7 +200,8 @@ def test_cluster_cidr():
     groups, hostvars = cluster(head={"rayrack_cluster_cidr": "10.0.0.8/30"})
     assert errors(groups, hostvars) == ["worker2: address 10.0.0.12 is outside rayrack_cluster_cidr 10.0.0.8/30"]
     groups, hostvars = cluster(head={"rayrack_cluster_cidr": "10.0.0/33"})
-    assert errors(groups, hostvars) == ["rayrack_cluster_cidr: must be a network such as 10.0.0.0/24; got '10.0.0/33'"]
+    assert errors(groups, hostvars) == [
+        "rayrack_cluster_cidr: must be empty, or a network (CIDR) such as 10.0.0.0/24; got '10.0.0/33' (on head)"]
 
 
 def test_gpu_workers_from_inventory_or_fact():
@@ -283,9 +298,9 @@ def test_guard_stop_needs_a_reachable_jobs_api():
 
 
 # --- rayrack_users and rayrack_user_tokens ---------------------------------------------------------------
-GOOD_USERS = [{"name": "alice", "contact": "alice@example.org U0ALICE1"},
-              {"name": "bob", "contact": "bob@example.org", "max_gpus": 1},
-              {"name": "ops", "admin": True, "max_gpus": None}]
+GOOD_USERS = [{"name": "alice", "uid": 2002, "contact": "alice@example.org U0ALICE1"},
+              {"name": "bob", "uid": 2003, "contact": "bob@example.org", "max_gpus": 1},
+              {"name": "ops", "uid": 2004, "admin": True, "max_gpus": None}]
 
 
 def users_cluster(users, tokens=None):
@@ -298,27 +313,27 @@ def test_good_users_and_tokens():
 
 
 def test_user_bad_name():
-    assert errors(*users_cluster([{"name": "Alice"}])) == [
+    assert errors(*users_cluster([{"name": "Alice", "uid": 2005}])) == [
         "rayrack_users[0].name: must match ^[a-z][a-z0-9_-]{0,31}$ (lowercase letter first, then lowercase letters, "
         "digits, '_' or '-', 32 at most); got 'Alice'"]
 
 
 def test_user_name_unknown_is_reserved():
-    assert errors(*users_cluster([{"name": "unknown"}])) == [
+    assert errors(*users_cluster([{"name": "unknown", "uid": 2006}])) == [
         "rayrack_users[0].name: 'unknown' is reserved for jobs submitted around the gateway"]
 
 
 def test_user_without_name():
-    assert errors(*users_cluster([{"contact": "x@example.org"}])) == ["rayrack_users[0]: has no name"]
+    assert errors(*users_cluster([{"contact": "x@example.org", "uid": 2001}])) == ["rayrack_users[0]: has no name"]
 
 
 def test_duplicate_user_names_both_entries():
-    users = [{"name": "alice"}, {"name": "bob"}, {"name": "alice"}]
+    users = [{"name": "alice", "uid": 2007}, {"name": "bob", "uid": 2008}, {"name": "alice", "uid": 2009}]
     assert errors(*users_cluster(users)) == ["rayrack_users[0] and rayrack_users[2] are both alice"]
 
 
 def test_user_unknown_key_with_hint():
-    assert errors(*users_cluster([{"name": "bob", "maxgpus": 1}])) == [
+    assert errors(*users_cluster([{"name": "bob", "uid": 2010, "maxgpus": 1}])) == [
         "rayrack_users[0]: unknown key 'maxgpus'; did you mean max_gpus?"]
 
 
@@ -330,7 +345,7 @@ def test_user_unknown_key_with_hint():
 ])
 def test_user_wrong_types(key, value, wanted):
     described = f"the string {value!r}" if isinstance(value, str) else f"{type(value).__name__} {value!r}"
-    assert errors(*users_cluster([{"name": "bob", key: value}])) == [
+    assert errors(*users_cluster([{"name": "bob", "uid": 2011, key: value}])) == [
         f"rayrack_users[0].{key}: must be {wanted}, got {described}"]
 
 
@@ -340,7 +355,7 @@ def test_user_entry_not_a_mapping():
 
 
 def test_user_bad_contact():
-    assert errors(*users_cluster([{"name": "bob", "contact": "bob at example"}])) == [
+    assert errors(*users_cluster([{"name": "bob", "uid": 2012, "contact": "bob at example"}])) == [
         "rayrack_users[0].contact: must be an e-mail address and/or a Slack member id such as U0123ABCD (at most "
         "one of each), separated by a space; got 'bob at example'"]
 
@@ -365,3 +380,40 @@ def test_tokens_of_the_wrong_type_are_not_printed():
 def test_cert_sans_addresses_and_names_once():
     assert inv.rayrack_cert_sans(["10.0.0.10", "10.0.0.10", "head", "", None, "head.example.org", "fd00::1"]) == [
         "IP:10.0.0.10", "DNS:head", "DNS:head.example.org", "IP:fd00::1"]
+
+
+def test_user_without_uid():
+    assert errors(*users_cluster([{"name": "alice"}])) == [
+        "rayrack_users[0]: has no uid; give each user the numeric ID their files have on every node and the shared "
+        "tree (1000-59999)"]
+
+
+@pytest.mark.parametrize("uid", [0, 999, 60000, 65534, "2001", True])
+def test_user_uid_outside_the_login_range(uid):
+    assert errors(*users_cluster([{"name": "alice", "uid": uid}])) == [
+        f"rayrack_users[0].uid: must be a login ID 1000-59999 (the same on every node and the shared tree), got "
+        f"{'the string ' + repr(uid) if isinstance(uid, str) else type(uid).__name__ + ' ' + repr(uid)}"]
+
+
+def test_two_users_with_one_uid():
+    users = [{"name": "alice", "uid": 2001}, {"name": "bob", "uid": 2002}, {"name": "carol", "uid": 2001}]
+    assert errors(*users_cluster(users)) == ["rayrack_users[0] and rayrack_users[2] both have uid 2001"]
+
+
+def test_a_uid_may_not_be_the_admin_groups_id():
+    assert errors(*users_cluster([{"name": "alice", "uid": 2900}])) == [
+        "rayrack_users[0].uid: 2900 is rayrack_admin_gid; a user's own group takes the uid as its ID"]
+
+
+@pytest.mark.parametrize("path", ["/var/cache/rayrack/pip", "/srv/rayrack-shared/scratch/pip", "/tmp/hf",
+                                  "/srv/rayrack-shared/modelsx"])
+def test_a_cache_anyone_may_write_is_refused(path):
+    env = {"HF_HOME": "/srv/rayrack-shared/models/huggingface", "PIP_CACHE_DIR": path,
+           "PIP_FIND_LINKS": "/srv/rayrack-shared/packages"}
+    groups, hostvars = cluster(head={"rayrack_cache_env": env})
+    derived = {"rayrack_package_dir": "/srv/rayrack-shared/packages"}  # as the validate play resolves the default
+    assert inv.rayrack_inventory_errors(groups, hostvars, derived=derived) == [
+        f"rayrack_cache_env: PIP_CACHE_DIR points at {path!r}, which users or jobs may write; point it into "
+        "rayrack_shared_layout or rayrack_package_dir (/srv/rayrack-shared/datasets, /srv/rayrack-shared/models, "
+        "/srv/rayrack-shared/models/huggingface, /srv/rayrack-shared/models/torch, /srv/rayrack-shared/wheelhouse, "
+        "/srv/rayrack-shared/packages), or leave it out (each login then caches in its own home)"]

@@ -8,14 +8,13 @@ running nfsd. A broken option must make the same check fail, or the check proves
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import required
+
+from .conftest import run_play
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))
 import lab as labtool
@@ -40,19 +39,34 @@ done
 """
 
 
+# Nodes in a cluster network that also holds machines that are not nodes: only the nodes may mount.
+NODES = {"head": "10.213.1.10", "worker1": "10.213.1.11"}
+PLAY = f"""
+- hosts: head
+  gather_facts: false
+  vars_files:
+    - {REPO}/roles/rayrack/defaults/main.yml
+    - {ROLE}/defaults/main.yml
+    - {ROLE}/vars/main.yml
+  tasks:
+    - ansible.builtin.template:
+        src: {ROLE}/templates/etc/exports.j2
+        dest: "{{{{ dest }}}}"
+        mode: "0644"
+      delegate_to: localhost
+"""
+
+
 def render(tmp_path: Path, name: str, **overrides: object) -> Path:
     """The role's template with its defaults and vars: what the kernel backend writes on a server."""
     dest = tmp_path / f"{name}.exports"
-    extra = {"rayrack_nfs_export": EXPORT, "rayrack_cluster_cidr": "10.213.1.0/24", **overrides}
-    result = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "ansible"), "localhost", "-c", "local", "-m", "ansible.builtin.template",
-         "-a", f"src={ROLE}/templates/etc/exports.j2 dest={dest} mode=0644",
-         "-e", f"@{ROLE}/defaults/main.yml", "-e", f"@{ROLE}/vars/main.yml", "-e", json.dumps(extra)],
-        cwd=REPO, capture_output=True, text=True, check=False,
-        env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0",
-             "ANSIBLE_LOCALHOST_WARNING": "0"},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    inventory = {"all": {"vars": {"ansible_connection": "local"}, "children": {
+        "ray_head": {"hosts": {"head": {"ansible_host": NODES["head"]}}},
+        "ray_workers": {"hosts": {"worker1": {"ansible_host": NODES["worker1"]}}}}}}
+    work = tmp_path / f"{name}.play"
+    work.mkdir()
+    extra = {"dest": str(dest), "rayrack_nfs_export": EXPORT, "rayrack_cluster_cidr": "10.213.1.0/24", **overrides}
+    run_play(work, inventory, PLAY, extra, {"ANSIBLE_FILTER_PLUGINS": f"{REPO}/roles/rayrack/filter_plugins"})
     return dest
 
 
@@ -62,7 +76,7 @@ def checked(tmp_path_factory) -> Path:
         required.missing(f"{labtool.IMAGE} is not built (`make unit` builds it, or tests/lab/lab.py image)")
     work = tmp_path_factory.mktemp("exports")
     render(work, "default")
-    render(work, "clients", nfs_server_clients=["10.213.1.10", "10.213.1.11", "192.168.40.0/22"])
+    render(work, "clients", rayrack_nfs_clients=["192.168.40.0/22", "10.213.2.7"])
     render(work, "broken", nfs_server_export_options=["rw", "sync", "no_such_option"])
     labtool.ensure_podman_ulimits()
     res = labtool.podman("run", "--rm", "--network", "host", "-v", f"{work}:/work:z", labtool.IMAGE,
@@ -79,16 +93,21 @@ def verdict(work: Path, name: str) -> str:
 def test_the_default_export_loads_with_its_options(checked):
     assert verdict(checked, "default") == "ok", (checked / "default.err").read_text()
     loaded = (checked / "default.loaded").read_text()
-    assert EXPORT in loaded and "10.213.1.0/24" in loaded, loaded
-    # The options the role documents reach the kernel's table as written.
+    # The nodes by their own addresses, never the cluster network they sit in.
+    assert EXPORT in loaded and all(address in loaded for address in NODES.values()), loaded
+    assert "10.213.1.0/24" not in loaded, loaded
+    # The options the role documents reach the kernel's table as written. `secure` (privileged client ports
+    # only) is written out, and exportfs lists only its opposite.
     for option in ("sync", "no_subtree_check", "root_squash", "sec=sys", "rw"):
         assert option in loaded, loaded
+    assert "secure" in (checked / "default.exports").read_text().split("(", 1)[1].split(")")[0].split(",")
+    assert "insecure" not in loaded, loaded
 
 
 def test_every_listed_client_is_exported(checked):
     assert verdict(checked, "clients") == "ok", (checked / "clients.err").read_text()
     loaded = (checked / "clients.loaded").read_text()
-    for client in ("10.213.1.10", "10.213.1.11", "192.168.40.0/22"):
+    for client in (*NODES.values(), "192.168.40.0/22", "10.213.2.7"):
         assert client in loaded, loaded
 
 

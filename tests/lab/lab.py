@@ -63,9 +63,9 @@ LAB_PYTHON_PACKAGES = ["torch==2.13.0+cpu"]
 LAB_SHARED_PACKAGES = ["einops==0.8.1"]
 # The gateway's users: a researcher with an e-mail address and a chat member id, one held to a single GPU, an admin.
 LAB_USERS = [
-    {"name": "alice", "contact": "alice@example.org U0ALICE1"},
-    {"name": "bob", "contact": "bob@example.org", "max_gpus": 1},
-    {"name": "ops", "contact": "U0OPS001", "admin": True},
+    {"name": "alice", "uid": 2001, "contact": "alice@example.org U0ALICE1"},
+    {"name": "bob", "uid": 2002, "contact": "bob@example.org", "max_gpus": 1},
+    {"name": "ops", "uid": 2003, "contact": "U0OPS001", "admin": True},
 ]
 # Fake GPUs per worker -> the agent's shipped scenario with that many GPUs.
 FAKE_SCENARIOS = {2: "builtin:lab-2gpu", 8: "builtin:demo-8gpu"}
@@ -95,6 +95,8 @@ HOST_PACKAGES = {
     "amtool": "prometheus-alertmanager",
     # memcheck runs a C client of the simulated NVML library under it (tests/nvml_sim/test_memcheck.py).
     "valgrind": "valgrind",
+    # Captures what crosses the lab network's bridge (tests/lab/test_ray_tls.py).
+    "tcpdump": "tcpdump",
 }
 # Checked by package name, installed without Recommends (vagrant-libvirt's pull in libguestfs and an NFS
 # server): the tests only run `vagrant validate` on the Vagrantfile.

@@ -1,9 +1,10 @@
 """Researchers through the jobs gateway on the converged molecule lab, with the stock Ray CLI over TLS.
 
-Each user is a plain Linux login on a worker (the firewall refuses the lab host: it is an outsider), with their
-token in ~/.rayrack/token and the cluster CA the role installed. A job is the submitter's: another user cannot
-stop it, an admin can. A revoked token is refused at once (the gateway restarted, Ray not), and a user token
-opens neither Ray Client nor the GCS.
+Each user is a plain Linux login on a worker, made by the converge (the firewall refuses the lab host: it is an
+outsider), with their token in ~/.rayrack/token and the cluster CA the role installed. A job is the
+submitter's: another user cannot stop it, an admin can. A revoked token is refused at once (the gateway
+restarted, Ray not), and a user token opens neither Ray Client nor the GCS (refused at Ray's TLS handshake,
+and for the token with a node's TLS).
 
 RAYRACK_LAB names another lab (default: molecule).
 """
@@ -106,9 +107,11 @@ def install_token(user: str) -> None:
 def researchers():
     if LAB is None:
         pytest.fail(f"lab {LAB_NAME!r} is not up: `make integration` converges the molecule lab, then runs these")
+    uids = {user["name"]: user["uid"] for user in labtool.LAB_USERS}
     for user in USERS:
-        created = on("worker1", f"sh -c 'id -u {user} >/dev/null 2>&1 || sudo useradd --create-home {user}'")
-        assert created.returncode == 0, created.stderr
+        # The converge made each login with the inventory's uid.
+        made = on("worker1", f"id -u {user}")
+        assert made.returncode == 0 and made.stdout.strip() == str(uids[user]), (made.stdout, made.stderr)
         install_token(user)
         install(user, "ca.crt", (LAB.inventory_dir / ".secrets" / "ca" / "ca.crt").read_text())
     job_dir = "~/job"
@@ -168,17 +171,40 @@ def test_owners_admins_and_a_revoked_token():
     assert ray_job("bob", "list").returncode == 0
 
 
+def handshake_failures() -> int:
+    """TLS handshakes Ray's servers on the head refused so far (GCS, Ray Client: their logs)."""
+    logs = "/var/lib/rayrack/ray/session_latest/logs"
+    out = on(LAB.nodes[0].name, f"sudo sh -c 'cat {logs}/gcs_server.err {logs}/ray_client_server.err'").stdout
+    return out.count("Handshake failed")
+
+
 @pytest.mark.usefixtures("researchers")
 def test_a_user_token_opens_neither_ray_client_nor_the_gcs():
+    """Ray's TLS is mutual: a researcher has no certificate the cluster CA signed and cannot read a node's key,
+    so Ray's servers refuse the connection at the handshake, before any token is read. With a node's TLS
+    identity (root's) and a user token, the token is refused: each layer holds alone."""
     head = LAB.nodes[0].ip
     # One connection attempt (Ray Client's default retries for half a minute); the cluster token, as the control,
     # connects with the same probe.
     probe = shlex.quote(f"from ray.util.client.worker import Worker; Worker('{head}:10001', connection_retries=1); "
                         "print('CONNECTED')")
+    key = as_user("alice", "cat /etc/rayrack/tls/ray.key")
+    assert key.returncode != 0 and "Permission denied" in plain(key), plain(key)[-2000:]
+    refused = handshake_failures()
     client = as_user("alice", f"{PYTHON} -c {probe}", timeout=60)
     assert "CONNECTED" not in client.stdout and client.returncode != 0, plain(client)[-2000:]
-    cluster_token = "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/etc/rayrack/ray_token"
-    control = on("worker1", f"sudo env {cluster_token} {PYTHON} -c {probe}")
-    assert "CONNECTED" in control.stdout, plain(control)[-2000:]
-    gcs = as_user("alice", f"{RAY} status --address {head}:6379", timeout=60)
+    # Ray's GCS client retries a refused handshake until its own timeout (about a minute): 10 s show it.
+    gcs = as_user("alice", f"{RAY} status --address {head}:6379", timeout=10)
+    assert gcs.returncode != 0 and "Autoscaler status" not in gcs.stdout, plain(gcs)[-2000:]
+    assert handshake_failures() > refused, "Ray's servers logged no refused TLS handshake for alice's attempts"
+
+    # A node's TLS identity with alice's token: the token is what is refused.
+    node_tls = "set -a; . /etc/rayrack/ray.env; set +a"
+    user_token = f"RAY_AUTH_TOKEN_PATH=/home/alice/.rayrack/token {PYTHON} -c {probe}"
+    client = on("worker1", "sudo sh -c " + shlex.quote(f"{node_tls}; cd /tmp; {user_token}"))
+    assert "CONNECTED" not in client.stdout and client.returncode != 0, plain(client)[-2000:]
+    gcs = on("worker1", "sudo sh -c " + shlex.quote(
+        f"{node_tls}; cd /tmp; RAY_AUTH_TOKEN_PATH=/home/alice/.rayrack/token {RAY} status --address {head}:6379"))
     assert gcs.returncode != 0 and "InvalidAuthToken" in plain(gcs), plain(gcs)[-2000:]
+    control = on("worker1", "sudo sh -c " + shlex.quote(f"{node_tls}; cd /tmp; {PYTHON} -c {probe}"))
+    assert "CONNECTED" in control.stdout, plain(control)[-2000:]

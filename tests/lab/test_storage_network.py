@@ -1,9 +1,14 @@
-"""Shared tree, sysctl and firewall checks on the converged molecule lab that read best from the lab host."""
+"""Shared tree, sysctl and firewall checks on the converged molecule lab that read best from the lab host.
+
+The NFS probes are what an attacker inside the cluster network would try: a machine that is not a node
+mounting the export, and a user on a node speaking NFS with their own client (libnfs claims any uid).
+"""
 
 import ipaddress
 import shlex
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 LAB = labtool.Lab("molecule", 2, ipaddress.IPv4Network("10.213.1.0/24"), REPO / "inventories" / "molecule", 2)
 HEAD, WORKER = LAB.nodes[0], LAB.nodes[1]
 PROFILE = "/etc/sysctl.d/60-rayrack-network.conf"
+SHARED = "/srv/rayrack-shared"
+USERS = {user["name"]: user["uid"] for user in labtool.LAB_USERS}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -87,7 +94,77 @@ def test_a_file_written_on_a_worker_is_read_over_nfs_and_on_the_head():
     on(WORKER, f"echo {token} | sudo tee /srv/rayrack-shared/{name} >/dev/null")
     try:
         assert on(HEAD, f"cat /srv/rayrack-shared/{name}").strip() == token
-        over_nfs = on(WORKER, f"nfs-cat 'nfs://{HEAD.ip}/srv/rayrack-shared/{name}?version=4'")
+        # As root: the server admits privileged source ports only.
+        over_nfs = on(WORKER, f"sudo nfs-cat 'nfs://{HEAD.ip}/srv/rayrack-shared/{name}?version=4'")
         assert over_nfs.strip() == token
     finally:
         on(WORKER, f"sudo rm -f /srv/rayrack-shared/{name}")
+
+
+def nfs_url(path, **ids):
+    query = "".join(f"&{key}={value}" for key, value in ids.items())
+    return shlex.quote(f"nfs://{HEAD.ip}{SHARED}/{path}?version=4{query}")
+
+
+def ray_ids(node):
+    uid, gid = on(node, "id -u ray; id -g ray").split()
+    return int(uid), int(gid)
+
+
+def test_a_machine_in_the_cluster_network_that_is_not_a_node_cannot_mount_the_export():
+    # An outsider on the lab network (inside rayrack_cluster_cidr), with the nodes' own libnfs client.
+    with tempfile.TemporaryDirectory() as tools:
+        # nfs-ls and its libnfs (the soname's path, and the file behind it), as the nodes have them.
+        found = on(WORKER, "for f in /usr/bin/nfs-ls $(ldd /usr/bin/nfs-ls | awk '/libnfs/ {print $3}'); do "
+                           "echo \"$f $(readlink -f \"$f\")\"; done").split("\n")
+        mounts = []
+        for line in filter(None, found):
+            wanted, real = line.split()
+            labtool.podman("cp", f"{WORKER.container}:{real}", tools)
+            mounts += ["-v", f"{tools}/{Path(real).name}:{Path(real).parent / Path(wanted).name}:ro"]
+        outsider = labtool.podman("run", "--rm", "--network", LAB.network, *mounts, labtool.IMAGE, "bash", "-c",
+                                  f"hostname -I; timeout 20 nfs-ls {nfs_url('')} 2>&1; echo rc=$?", check=False,
+                                  capture=True)
+    address, *_ = outsider.stdout.split()
+    assert ipaddress.ip_address(address) in LAB.subnet, outsider.stdout
+    said = outsider.stdout + outsider.stderr
+    # Refused by NFS itself (the firewall resets the connection), not by a client that could not start.
+    assert "rc=0" not in said and "packages" not in said and "error while loading" not in said, said
+    assert "mount" in said.lower(), said
+    # A node reaches the same export.
+    assert "packages" in on(WORKER, f"sudo nfs-ls {nfs_url('')}")
+
+
+def test_a_users_own_nfs_client_cannot_act_as_another_user():
+    ray_uid, ray_gid = ray_ids(WORKER)
+    name = f"scratch/alice/.planted-{time.time_ns()}.py"
+    plant = f"echo 'print(1)' > /tmp/planted.py && nfs-cp /tmp/planted.py {nfs_url(name, uid=ray_uid, gid=ray_gid)}"
+    try:
+        # Alice, no sudo, claims to be ray (whose group may write her scratch): from an unprivileged port.
+        refused = labtool.ssh(LAB, WORKER, f"sudo -u alice bash -c {shlex.quote(plant)}", check=False)
+        assert refused.returncode != 0, refused.stdout + refused.stderr
+        assert on(HEAD, f"sudo ls -a {SHARED}/scratch/alice").count(".planted-") == 0
+        # The control: root on a node (a privileged port) is trusted to tell the truth, as sec=sys does.
+        on(WORKER, f"sudo bash -c {shlex.quote(plant)}")
+        assert on(HEAD, f"sudo stat -c '%u:%g' {SHARED}/{name}").strip() == f"{ray_uid}:{ray_gid}"
+    finally:
+        on(HEAD, f"sudo rm -f {SHARED}/{name}")
+
+
+def test_the_tree_is_laid_out_per_user_and_nothing_is_world_writable():
+    listing = on(HEAD, f"sudo find {SHARED} -mindepth 1 -maxdepth 3 -type d -printf '%P %u %g %m\\n'")
+    entries = {parts[0]: parts[1:] for parts in (line.split() for line in listing.splitlines()) if parts}
+    for user in USERS:
+        assert entries[f"scratch/{user}"] == [user, "ray", "2770"], entries
+        assert entries[f"ray/working_dirs/{user}"] == [user, "ray", "2750"], entries
+    for path in ("models", "models/huggingface", "wheelhouse", "datasets"):
+        assert entries[path] == ["root", "rayrack-admins", "2775"], (path, entries)
+    open_to_all = [path for path, (_, _, mode) in entries.items() if int(mode, 8) & 0o002]
+    assert open_to_all == [], open_to_all
+
+
+def test_caches_reach_users_logins_but_not_roots():
+    user_env = on(WORKER, "sudo -u alice -i env")
+    assert f"PIP_FIND_LINKS={SHARED}/packages" in user_env and f"HF_HOME={SHARED}/models/huggingface" in user_env
+    root_env = on(WORKER, "sudo -i env")
+    assert "PIP_FIND_LINKS" not in root_env and "HF_HOME" not in root_env, root_env

@@ -81,6 +81,34 @@ print("RESULT " + json.dumps({"listener": address, "client": client, "ports": po
                               "gpu_nodes": len(gpu_nodes)}), flush=True)
 """
 
+# A task on every node tries to add a file to each directory given: what a job may write on the shared tree.
+WRITE_PROBE = r"""
+import json, os, sys, uuid
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init()
+
+@ray.remote(num_cpus=0)
+def attempt(paths):
+    out = {}
+    for path in paths:
+        name = os.path.join(path, ".probe-" + uuid.uuid4().hex)
+        try:
+            with open(name, "x") as f:
+                f.write("planted")
+            os.unlink(name)
+            out[path] = "written"
+        except OSError as exc:
+            out[path] = type(exc).__name__
+    return ray.util.get_node_ip_address(), out
+
+nodes = [n for n in ray.nodes() if n["Alive"]]
+print("RESULT " + json.dumps(ray.get([attempt.options(
+    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(sys.argv[1:]) for n in nodes])),
+    flush=True)
+"""
+
 # Tasks on every GPU node import a package that only the shared package directory holds.
 OFFLINE_PACKAGE = r"""
 import json, sys
@@ -168,7 +196,8 @@ def rendezvous(address: str, tmp_path: Path) -> tuple[str, dict]:
 
 
 def train(address: str, name: str, timeout_s: int) -> tuple[str, str, float]:
-    storage = f"{SHARED}/scratch/train-{LAB.name}"
+    # Alice's scratch: hers and her jobs' (group ray), nobody else's.
+    storage = f"{SHARED}/scratch/alice/train-{LAB.name}"
     return run_job(address, f"python train.py {storage} {name} {accelerator_type()} {timeout_s}", TRAIN_JOB,
                    timeout=900)
 
@@ -292,3 +321,17 @@ def test_the_package_directory_is_roots_alone():
                                      f"sudo -u ray touch {SHARED}/packages/planted.whl; echo rc=$?", check=False)
         owner_mode, rc = out.stdout.split("\n")[0], out.stdout.strip().splitlines()[-1]
         assert owner_mode == "root 755" and rc != "rc=0", (node.name, out.stdout, out.stderr)
+
+
+def test_a_job_writes_its_users_scratch_but_no_code_cache_or_users_code(jobs_api, tmp_path):
+    refused = [f"{SHARED}/{path}" for path in ("wheelhouse", "models", "models/huggingface", "datasets",
+                                                 "packages", "ray/working_dirs/alice", "ray/working_dirs/bob")]
+    allowed = f"{SHARED}/scratch/alice"
+    status, logs, _ = run_job(jobs_api, "python probe.py " + " ".join([*refused, allowed]),
+                              probe_dir(tmp_path, "probe.py", WRITE_PROBE), timeout=180)
+    assert status == "SUCCEEDED", logs[-4000:]
+    found = dict(result(logs))
+    assert set(found) == {node.ip for node in LAB.nodes}, found
+    for node, outcome in found.items():
+        assert outcome[allowed] == "written", (node, outcome)
+        assert {path: outcome[path] for path in refused} == dict.fromkeys(refused, "PermissionError"), (node, outcome)

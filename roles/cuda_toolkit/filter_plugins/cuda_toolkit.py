@@ -12,7 +12,7 @@ except ImportError:
 
 def cuda_toolkit_packages(versions: list[str], default: str) -> list[str]:
     """['12.4', '12.8'] -> ['cuda-toolkit-12-4', 'cuda-toolkit-12-8'] (same names in NVIDIA's apt and dnf repos)."""
-    bad = [v for v in versions if not re.fullmatch(r"\d+\.\d+", str(v))]
+    bad = [v for v in versions if not re.fullmatch(r"[0-9]+\.[0-9]+", str(v))]
     if bad:
         raise AnsibleFilterError(f"cuda_toolkit_versions: each must be major.minor such as 12.4; got {bad}")
     if str(default) not in [str(v) for v in versions]:

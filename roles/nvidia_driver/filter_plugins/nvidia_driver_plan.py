@@ -19,7 +19,7 @@ except ImportError:  # the tests import this file without Ansible's error classe
 
 MODES = ("full", "userspace", "none")
 KERNEL_MODULES = ("open", "proprietary")
-VERSION_RE = re.compile(r"\d+\.\d+(\.\d+)?")
+VERSION_RE = re.compile(r"[0-9]+\.[0-9]+(\.[0-9]+)?")  # [0-9], not \d: that matches any script's digits
 PIN_RE = re.compile(r"(=|-)\{version\}(\S*)$")
 
 

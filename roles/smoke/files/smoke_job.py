@@ -1,8 +1,7 @@
 """rayrack smoke job: one num_gpus=1 task pinned to each GPU node, reporting where it ran and what it got.
 
-The job runs with its working_dir on the shared tree (a `local://` URI: the same directory on every node, not
-a copy). The driver writes a marker file there with a fresh token; every task must read it back from its
-working directory, which shows that node sees the head's writes to the shared tree.
+The driver writes a marker file with a fresh token into the shared tree's smoke directory (--markers); every
+task must read it back there, which shows that node sees the head's writes to the shared tree.
 
 Prints one line `RAYRACK_SMOKE <json>` and exits non-zero when any expected node ran nothing or could not read
 the marker.
@@ -41,10 +40,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--expect", nargs="*", default=[], help="node IPs that must run a GPU task")
     parser.add_argument("--timeout", type=float, default=120)
+    parser.add_argument("--markers", type=Path, required=True, help="a directory on the shared tree")
     args = parser.parse_args()
 
-    # Relative: resolved in the working directory, which every node must see at the same shared path.
-    marker = Path(f"rayrack-smoke-{uuid.uuid4().hex}.marker")
+    marker = args.markers / f"rayrack-smoke-{uuid.uuid4().hex}.marker"
     token = uuid.uuid4().hex
     marker.write_text(token + "\n")
     try:
@@ -65,7 +64,7 @@ def run(args: argparse.Namespace, marker: str, token: str) -> int:
     missing += sorted(set(args.expect) - ran_on - set(missing))
     unshared = sorted(r["hostname"] for r in results if r["shared"] != token)
     print("RAYRACK_SMOKE " + json.dumps({"results": results, "missing": missing, "unshared": unshared,
-                                          "working_dir": os.getcwd()}), flush=True)
+                                          "markers": str(args.markers)}), flush=True)
     return 1 if missing or unshared or any(not r["gpu_ids"] for r in results) else 0
 
 
