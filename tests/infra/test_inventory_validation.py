@@ -417,3 +417,14 @@ def test_a_cache_anyone_may_write_is_refused(path):
         "rayrack_shared_layout or rayrack_package_dir (/srv/rayrack-shared/datasets, /srv/rayrack-shared/models, "
         "/srv/rayrack-shared/models/huggingface, /srv/rayrack-shared/models/torch, /srv/rayrack-shared/wheelhouse, "
         "/srv/rayrack-shared/packages), or leave it out (each login then caches in its own home)"]
+
+
+@pytest.mark.parametrize("name", ["rayrack_prometheus_password", "rayrack_alertmanager_password",
+                                  "grafana_admin_password"])
+def test_monitoring_passwords_are_generated_or_long_enough_for_bcrypt(name):
+    assert errors(*cluster(head={name: ""})) == []
+    assert errors(*cluster(head={name: "a" * 40})) == []
+    for bad in ("short", "a" * 73, "with a space and long enough to pass the length rule"):
+        (error,) = errors(*cluster(head={name: bad}))
+        assert error.startswith(f"{name}: empty to have it generated, or a string of 32 characters up to 72 bytes")
+        assert bad not in error

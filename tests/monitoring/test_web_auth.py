@@ -127,7 +127,7 @@ def test_the_hash_filter_refuses_what_bcrypt_would_cut_or_cannot_hash():
     hashed = FILTERS.rayrack_bcrypt("pw")
     assert FILTERS.rayrack_bcrypt("pw", hashed) == hashed
     assert FILTERS.rayrack_bcrypt("pw", "not a hash") != "not a hash"
-    with pytest.raises(Exception, match="at most 72"):
+    with pytest.raises(Exception, match="72"):
         FILTERS.rayrack_bcrypt("x" * 73)
     with pytest.raises(Exception, match="empty"):
         FILTERS.rayrack_bcrypt("")

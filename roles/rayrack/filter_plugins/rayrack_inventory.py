@@ -85,6 +85,11 @@ TYPE_NAMES = {"bool": "a boolean (true/false, unquoted)", "int": "an integer", "
 
 # Tokens given by the inventory (e.g. from Ansible Vault), held to the rule of users' tokens. Never printed.
 TOKEN_VARIABLES = frozenset({"rayrack_ray_token"})
+# The monitoring passwords: empty has them generated; one given is held to the tokens' rule, and to what bcrypt
+# reads of it (Prometheus and Alertmanager keep its bcrypt hash).
+PASSWORD_VARIABLES = frozenset({"rayrack_prometheus_password", "rayrack_alertmanager_password",
+                                "grafana_admin_password"})
+MAX_PASSWORD_BYTES = 72
 # Paths on the nodes (every `type: path` variable) reach unit files unquoted (ReadWritePaths=, RequiresMountsFor=)
 # and command lines. Paths on the controller reach only Ansible there, under any home directory.
 NODE_PATH = (r"/[A-Za-z0-9._/-]+", "an absolute path of letters, digits and . _ / - only (^/[A-Za-z0-9._/-]+$): "
@@ -275,6 +280,11 @@ def check_value(name: str, value: Any, spec: Mapping[str, Any]) -> str | None:
         return f"{name}: must be {wanted}, got {got}"
     if name in TOKEN_VARIABLES:
         return None if token_ok(value) else _token_rule(name)
+    if name in PASSWORD_VARIABLES and value != "":
+        if token_ok(value) and len(value.strip().encode()) <= MAX_PASSWORD_BYTES:
+            return None
+        return (f"{name}: empty to have it generated, or a string of {MIN_USER_TOKEN_CHARS} characters up to "
+                f"{MAX_PASSWORD_BYTES} bytes without spaces (bcrypt reads no more; e.g. `openssl rand -hex 20`)")
     if "choices" in spec and value not in spec["choices"]:
         return f"{name}: must be one of {', '.join(map(str, spec['choices']))}; got {value!r}"
     if name in FORMATS:

@@ -8,8 +8,6 @@ from ansible.errors import AnsibleFilterError
 
 # bcrypt's cost: the servers check a password once per client and cache the result.
 ROUNDS = 12
-# bcrypt reads no further than this; a longer password would be cut silently (bcrypt 5 refuses it).
-MAX_BYTES = 72
 
 
 def rayrack_bcrypt(password: Any, current: Any = None) -> str:
@@ -23,16 +21,16 @@ def rayrack_bcrypt(password: Any, current: Any = None) -> str:
     secret = str(password).encode()
     if not secret:
         raise AnsibleFilterError("rayrack_bcrypt: the password is empty")
-    if len(secret) > MAX_BYTES:
-        raise AnsibleFilterError(f"rayrack_bcrypt: the password is {len(secret)} bytes long; bcrypt reads at most "
-                                 f"{MAX_BYTES}")
     if current:
         try:
             if bcrypt.checkpw(secret, str(current).encode()):
                 return str(current)
-        except ValueError:  # not a bcrypt hash: replaced below
+        except ValueError:  # not a bcrypt hash (or a password bcrypt refuses, named below)
             pass
-    return bcrypt.hashpw(secret, bcrypt.gensalt(ROUNDS)).decode()
+    try:
+        return bcrypt.hashpw(secret, bcrypt.gensalt(ROUNDS)).decode()
+    except ValueError as exc:  # bcrypt 5 refuses a password longer than it reads (72 bytes)
+        raise AnsibleFilterError(f"rayrack_bcrypt: {exc}") from exc
 
 
 class FilterModule:
