@@ -62,7 +62,7 @@ def test_prometheus_is_asked_at_its_local_address():
 
 def test_the_password_and_ca_come_from_the_controller(tmp_path):
     inv = parse_listing(tmp_path, listing(False))
-    with pytest.raises(UsageError, match="prometheus.password is missing"):
+    with pytest.raises(UsageError, match=r"prometheus\.password is missing"):
         credentials(inv)
     (tmp_path / ".secrets" / "monitoring").mkdir(parents=True)
     (tmp_path / ".secrets" / "monitoring" / "prometheus.password").write_text("generated\n")
@@ -77,5 +77,5 @@ def test_the_password_and_ca_come_from_the_controller(tmp_path):
     assert credentials(inv)["password"] == "from-vault"
     given["rayrack_prometheus_password"] = {"__ansible_vault": "$ANSIBLE_VAULT;1.1;AES256..."}
     inv = parse_listing(tmp_path, {**listing(False), "_meta": {"hostvars": {**HOSTVARS, "head": given}}})
-    with pytest.raises(UsageError, match="rayrack_prometheus_password .* not plain text"):
+    with pytest.raises(UsageError, match=r"rayrack_prometheus_password .* not plain text"):
         credentials(inv)
