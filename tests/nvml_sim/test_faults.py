@@ -190,15 +190,18 @@ def test_delays_per_scenario_and_per_gpu(nvml_sim_library: Path, tmp_path: Path)
         result = []
         for index in (0, 1):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            start = time.monotonic()
+            calls = []
             for _ in range(5):
+                start = time.monotonic()
                 pynvml.nvmlDeviceGetPowerUsage(handle)
-            result.append((time.monotonic() - start) / 5)
+                calls.append(time.monotonic() - start)
+            result.append(min(calls))
         pynvml.nvmlShutdown()
         """,
     )
-    assert 0.06 <= slow < 0.1
-    assert fast < 0.01
+    # The quickest of five calls: a busy machine only ever adds time, so the minimum shows the delay itself.
+    assert 0.06 <= slow < 0.12
+    assert fast < 0.03
 
 
 def test_unmodelled_calls_are_not_supported(nvml_sim_library: Path, tmp_path: Path) -> None:
