@@ -200,5 +200,6 @@ def test_with_tls_off_the_same_capture_finds_the_token(lab, tmp_path):
     sent = new_connections(pcap, worker.ip, port)
     assert sent and all(data.startswith(b"PRI * HTTP/2.0") for data in sent), [data[:24] for data in sent]
     found = wire.count(pcap, [token()])
+    pcap.unlink()  # it holds the token in clear
     print(f"\ntoken occurrences on the bridge with TLS off (the control): {sum(found.values())}")
     assert sum(found.values()) > 0 and any(flow.dport == port for flow in found), found
