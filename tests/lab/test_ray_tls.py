@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -35,9 +36,6 @@ LAB_NAME = os.environ.get("RAYRACK_LAB", "molecule")
 LAB = labtool.load(LAB_NAME)
 GCS_PORT = 6379
 ENV = "/etc/rayrack/ray.env"
-# A port of the pinned worker range (rayrack_ray_min_worker_port..max), which the firewall lets every node reach
-# under either intra-cluster mode; Ray's own workers take ports from the bottom of the range.
-CONTROL_PORT = 10990
 CONTROL_UNIT = "rayrack-tls-control"
 CONTROL_DIR = "/var/lib/rayrack/tls-control"
 
@@ -145,36 +143,43 @@ def test_the_token_never_crosses_the_network_in_clear(lab, tmp_path):
     assert found == {}, {str(flow): n for flow, n in found.items()}
 
 
+def free_worker_ports(node: labtool.Node, count: int) -> list[int]:
+    """COUNT ports of the node's pinned Ray worker range (as its unit names it) that nothing listens on, from the
+    top: the firewall lets every node reach that range under either intra-cluster mode. Ray's workers pick their
+    ports anywhere in it, so they are looked up now, not fixed."""
+    unit = on(node, "systemctl cat ray-worker ray-head").stdout
+    low, high = (int(re.search(rf"--{end}-worker-port=(\d+)", unit).group(1)) for end in ("min", "max"))
+    listening = {int(line.split()[3].rsplit(":", 1)[1]) for line in on(node, "ss -Htln").stdout.splitlines()}
+    free = [port for port in range(high, low - 1, -1) if port not in listening]
+    assert len(free) >= count, f"{node.name}: only {len(free)} free ports in {low}-{high}"
+    return free[:count]
+
+
 @contextlib.contextmanager
-def plain_ray_head(node: labtool.Node) -> Iterator[str]:
+def plain_ray_head(node: labtool.Node) -> Iterator[tuple[str, int]]:
     """A throwaway Ray head on NODE with token auth and TLS off, as a transient unit of the ray user (its own temp
-    dir and ports, no dashboard), stopped and removed whatever happens. Yields its GCS address."""
-    args = ["ray", "start", "--head", "--block", f"--port={CONTROL_PORT}", f"--node-ip-address={node.ip}",
-            "--include-dashboard=false", f"--ray-client-server-port={CONTROL_PORT + 1}",
-            f"--node-manager-port={CONTROL_PORT + 2}", f"--object-manager-port={CONTROL_PORT + 3}",
-            f"--dashboard-agent-listen-port={CONTROL_PORT + 4}", f"--dashboard-agent-grpc-port={CONTROL_PORT + 5}",
-            f"--runtime-env-agent-port={CONTROL_PORT + 6}", f"--metrics-export-port={CONTROL_PORT + 7}",
-            f"--min-worker-port={CONTROL_PORT - 10}", f"--max-worker-port={CONTROL_PORT - 1}",
+    dir and ports, no dashboard), stopped and removed whatever happens. Yields its GCS address and port."""
+    gcs, client, node_manager, objects, agent, agent_grpc, runtime_env, metrics, *workers = free_worker_ports(node, 12)
+    args = ["ray", "start", "--head", "--block", f"--port={gcs}", f"--node-ip-address={node.ip}",
+            "--include-dashboard=false", f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
+            f"--object-manager-port={objects}", f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}", f"--worker-port-list={','.join(map(str, workers))}",
             "--num-cpus=0", "--num-gpus=0", "--object-store-memory=80000000", "--disable-usage-stats",
             f"--temp-dir={CONTROL_DIR}"]
     script = f"set -a; . {ENV}; RAY_USE_TLS=0; set +a; exec " + " ".join(map(shlex.quote, args))
     unit = ["sudo", "systemd-run", f"--unit={CONTROL_UNIT}", "--uid=ray", "--gid=ray", "--collect",
             "-p", "WorkingDirectory=/var/lib/rayrack", "/bin/sh", "-c", script]
-    # Its ports must be free, or the wait below could see one of the cluster's Ray workers answer.
-    listening = on(node, "ss -Htln").stdout.split()
-    taken = [port for port in range(CONTROL_PORT - 10, CONTROL_PORT + 8)
-             if any(address.endswith(f":{port}") for address in listening)]
-    assert not taken, f"ports {taken} of the control head are taken on {node.name}"
     try:
         started = on(node, " ".join(map(shlex.quote, unit)))
         assert started.returncode == 0, started.stderr
         deadline = time.monotonic() + 90
-        while on(node, f"bash -c 'exec 3<>/dev/tcp/{node.ip}/{CONTROL_PORT}'", timeout=5).returncode != 0:
+        while on(node, f"bash -c 'exec 3<>/dev/tcp/{node.ip}/{gcs}'", timeout=5).returncode != 0:
             state = on(node, f"systemctl is-active {CONTROL_UNIT}").stdout.strip()
             assert state in ("active", "activating") and time.monotonic() < deadline, (
                 state, on(node, f"sudo journalctl -u {CONTROL_UNIT} --no-pager -n 40").stdout)
             time.sleep(1)
-        yield f"{node.ip}:{CONTROL_PORT}"
+        yield f"{node.ip}:{gcs}", gcs
     finally:
         # A throwaway: killed outright (a clean `ray stop` of a head takes a minute here), every process of it.
         on(node, f"sudo systemctl kill --signal=SIGKILL {CONTROL_UNIT}")
@@ -187,13 +192,14 @@ def test_with_tls_off_the_same_capture_finds_the_token(lab, tmp_path):
     """The control: without TLS, gRPC carries the token as a literal header value, and the count above would
     not be 0."""
     head, worker = lab.nodes[0], lab.nodes[1]
-    with plain_ray_head(worker) as address, capture(tmp_path) as pcap:
+    with plain_ray_head(worker) as (address, port), capture(tmp_path) as pcap:
         # Without TLS towards this head, and with the head node's cluster token.
         status = on(head, as_ray_client(f"ray status --address {address}", RAY_USE_TLS="0"))
     # A fresh head may have no autoscaler report yet ("No cluster status"): the GCS answered all the same.
     assert status.returncode == 0, status.stdout[-2000:] + status.stderr[-2000:]
-    sent = new_connections(pcap, worker.ip, CONTROL_PORT)
+    sent = new_connections(pcap, worker.ip, port)
     assert sent and all(data.startswith(b"PRI * HTTP/2.0") for data in sent), [data[:24] for data in sent]
     found = wire.count(pcap, [token()])
+    pcap.unlink()  # it holds the token in clear
     print(f"\ntoken occurrences on the bridge with TLS off (the control): {sum(found.values())}")
-    assert sum(found.values()) > 0 and any(flow.dport == CONTROL_PORT for flow in found), found
+    assert sum(found.values()) > 0 and any(flow.dport == port for flow in found), found
