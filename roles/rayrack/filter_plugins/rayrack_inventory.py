@@ -128,6 +128,11 @@ def _off(value: Any) -> bool:
     return value is False
 
 
+def _off_loopback(value: Any) -> str | None:
+    """A listen address that leaves the host, if it is one."""
+    return str(value) if isinstance(value, str) and value and value not in LOOPBACK else None
+
+
 def _open_to_all(value: Any) -> str | None:
     """The /0 (every address) among a network or a list of them, if any."""
     for entry in value if isinstance(value, list) else [value]:
@@ -151,6 +156,9 @@ INSECURE = {
     "firewall_ssh_sources": (_open_to_all, "{} admits every address to SSH"),
     "nfs_server_clients": (_open_to_all, "{} lets every address mount the shared tree"),
     "rayrack_nfs_clients": (_open_to_all, "{} lets every address mount the shared tree"),
+    "rayrack_ray_dashboard_host": (
+        _off_loopback, "{} serves Ray's dashboard and Jobs API beyond the head over plain HTTP, so the cluster "
+        "token of every call to it (the agents' state queries, the guard's job stops) crosses the network in clear"),
 }
 ACCEPT_INSECURE = "rayrack_accept_insecure"
 
@@ -599,8 +607,8 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
                 and hostvars[h].get("ray_agent_guard_stop_after") is not None]
     if stoppers and dashboard in LOOPBACK:
         errors.append(f"ray_agent_guard_stop_after: stopping Ray jobs from {', '.join(stoppers)} needs the Jobs API "
-                      f"there, but rayrack_ray_dashboard_host is {dashboard}; set it to the head's cluster address "
-                      "(token authentication protects it)")
+                      f"there, but rayrack_ray_dashboard_host is {dashboard}; set it to the head's cluster address, "
+                      f"and name it in {ACCEPT_INSECURE} (the Jobs API is plain HTTP)")
     return list(dict.fromkeys(errors))  # a node's address is read twice: by its own name and as a Ray node
 
 
