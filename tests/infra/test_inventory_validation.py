@@ -436,3 +436,11 @@ def test_monitoring_passwords_are_generated_or_long_enough_for_bcrypt(name):
         (error,) = errors(*cluster(head={name: bad}))
         assert error.startswith(f"{name}: empty to have it generated, or a string of 32 characters up to 72 bytes")
         assert bad not in error
+
+
+@pytest.mark.parametrize(("listen", "local"), [
+    ("127.0.0.1:9090", "127.0.0.1:9090"), ("0.0.0.0:9093", "127.0.0.1:9093"), (":3000", "127.0.0.1:3000"),
+    ("[::]:9090", "127.0.0.1:9090"), ("10.0.0.10:9090", "10.0.0.10:9090"), ("[::1]:9090", "[::1]:9090"),
+])
+def test_a_client_on_the_host_reaches_a_wildcard_listener_on_loopback(listen, local):
+    assert inv.rayrack_local_address(listen) == local

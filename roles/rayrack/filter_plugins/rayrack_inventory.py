@@ -649,6 +649,17 @@ def rayrack_is_loopback(host: str) -> bool:
     return str(host) in LOOPBACK
 
 
+# Listen hosts that mean every address of the host.
+WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+
+
+def rayrack_local_address(listen: str) -> str:
+    """host:port where a client on the same host reaches a server listening on `listen` (host:port): loopback
+    for a wildcard host, else the host it listens on."""
+    host, _, port = str(listen).rpartition(":")
+    return f"{'127.0.0.1' if host in WILDCARD_HOSTS else host}:{port}"
+
+
 def rayrack_cert_sans(names: Iterable[Any]) -> list[str]:
     """A certificate's subjectAltName entries for a node's addresses and names: IP:... or DNS:..., each once."""
     sans: list[str] = []
@@ -667,6 +678,6 @@ def rayrack_cert_sans(names: Iterable[Any]) -> list[str]:
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {"rayrack_inventory_errors": rayrack_inventory_errors, "rayrack_node_addresses": rayrack_node_addresses,
-                "rayrack_is_loopback": rayrack_is_loopback,
+                "rayrack_is_loopback": rayrack_is_loopback, "rayrack_local_address": rayrack_local_address,
                 "rayrack_alive_node_ips": rayrack_alive_node_ips, "rayrack_gpu_workers": rayrack_gpu_workers,
                 "rayrack_cert_sans": rayrack_cert_sans}
