@@ -30,6 +30,7 @@ PLAY = f"""
   gather_facts: false
   vars_files:
     - {ROLES}/rayrack/defaults/main.yml
+    - {ROLES}/rayrack/vars/main.yml
     - {ROLES}/firewall/defaults/main.yml
     - {ROLES}/firewall/vars/main.yml
   tasks:
@@ -144,3 +145,34 @@ def test_the_output_rule_follows_the_monitoring_group(tmp_path):
     monitoring = {"worker1": HOSTS["worker1"]}
     assert OUTPUT_RULE.format(user="nobody") in render(tmp_path, monitoring)
     assert "hook output" not in render(tmp_path, monitoring, firewall_render_host="head")
+
+
+def test_the_gcs_store_is_open_to_the_nodes_alone_and_only_rays_user_and_root_may_connect(tmp_path):
+    """Redis of the head's GCS (on the head here): its port only from the nodes, never the wider allowed set; on
+    every Ray node an output rule resets a connection to it from anyone but root and the Ray user."""
+    settings = {"rayrack_gcs_ft": True, "rayrack_cluster_cidr": "10.20.0.0/16"}
+    head = render(tmp_path, firewall_render_host="head", **settings)
+    assert "ip saddr @nodes_ipv4 tcp dport { 6380 } accept" in head
+    assert not re.search(r"@cluster_ipv4 tcp dport \{[^}]*6380", head)
+    assert elements(head, "gcs_store_ipv4") == {"10.20.0.10/32"}
+    rule = 'ip daddr @gcs_store_ipv4 tcp dport 6380 meta skuid != { 0, "nobody" } counter reject with tcp reset'
+    assert rule in head
+    checked = nft_accepts(tmp_path / "rayrack.nft")
+    assert checked.returncode == 0, checked.stderr
+    worker = render(tmp_path, **settings)
+    assert "dport { 6380 } accept" not in worker
+    assert rule in worker
+    assert "6380" not in render(tmp_path, firewall_render_host="head")
+
+
+def test_serve_is_open_on_every_node_to_its_allowed_sources_and_the_nodes(tmp_path):
+    worker = render(tmp_path, rayrack_serve_enabled=True, rayrack_serve_allowed_sources=["198.51.100.0/24"])
+    for source in ("serve", "nodes"):
+        assert f"ip saddr @{source}_ipv4 tcp dport {{ 8000 }} accept" in worker
+    assert elements(worker, "serve_ipv4") == {"198.51.100.0/24"}
+    checked = nft_accepts(tmp_path / "rayrack.nft")
+    assert checked.returncode == 0, checked.stderr
+    # By default the cluster's allowed sources, like the gateway's.
+    default = render(tmp_path, rayrack_serve_enabled=True, rayrack_cluster_cidr="10.20.0.0/16")
+    assert elements(default, "serve_ipv4") == {"10.20.0.0/16"}
+    assert "8000" not in render(tmp_path)

@@ -444,3 +444,61 @@ def test_monitoring_passwords_are_generated_or_long_enough_for_bcrypt(name):
 ])
 def test_a_client_on_the_host_reaches_a_wildcard_listener_on_loopback(listen, local):
     assert inv.rayrack_local_address(listen) == local
+
+
+def ft(groups, hostvars, **settings):
+    for host_vars in hostvars.values():
+        host_vars.update({"rayrack_gcs_ft": True, **settings})
+    return errors(groups, hostvars)
+
+
+def test_fault_tolerance_runs_redis_on_the_head_or_one_gcs_store_host():
+    groups, hostvars = cluster()
+    assert ft(groups, hostvars) == []
+    groups, hostvars = cluster(store={"ansible_host": "10.0.0.20"})
+    groups["ray_gcs_store"] = ["store"]
+    assert ft(groups, hostvars) == []
+
+
+def test_fault_tolerance_with_an_empty_gcs_store_group_names_the_conflict():
+    groups, hostvars = cluster()
+    groups["ray_gcs_store"] = []
+    assert ft(groups, hostvars) == [
+        "rayrack_gcs_ft: true needs a Redis host, but group ray_gcs_store is empty; put one host in it, or remove the "
+        "group to run Redis on the head"]
+
+
+def test_fault_tolerance_with_two_gcs_store_hosts_is_refused():
+    groups, hostvars = cluster(a={"ansible_host": "10.0.0.20"}, b={"ansible_host": "10.0.0.21"})
+    groups["ray_gcs_store"] = ["a", "b"]
+    assert ft(groups, hostvars) == [
+        "group ray_gcs_store: must hold one host (rayrack runs one Redis, without replicas); found 2 (a, b)"]
+
+
+def test_a_gcs_store_host_without_fault_tolerance_is_refused():
+    groups, hostvars = cluster(store={"ansible_host": "10.0.0.20"})
+    groups["ray_gcs_store"] = ["store"]
+    assert errors(groups, hostvars) == [
+        "group ray_gcs_store: holds store, but rayrack_gcs_ft is false; set it to true, or remove the group"]
+
+
+def test_fault_tolerance_needs_a_ray_that_supports_it():
+    groups, hostvars = cluster()
+    assert ft(groups, hostvars, rayrack_ray_version="2.8.0", rayrack_ray_auth_token_enabled=False,
+              rayrack_accept_insecure=["rayrack_ray_auth_token_enabled"]) == [
+        "rayrack_gcs_ft: true needs Ray >= 2.9.0 (an external Redis with a password and TLS); rayrack_ray_version "
+        "is 2.8.0"]
+
+
+@pytest.mark.parametrize("seconds", [0, 9, 3601])
+def test_the_reconnect_timeout_must_be_a_sensible_number_of_seconds(seconds):
+    groups, hostvars = cluster()
+    assert ft(groups, hostvars, rayrack_gcs_reconnect_timeout=seconds) == [
+        f"rayrack_gcs_reconnect_timeout: must be 10-3600 seconds (how long workers wait for a restarting head); "
+        f"got {seconds} (on head, worker1, worker2)"]
+
+
+def test_the_gcs_store_port_may_not_be_the_gcs_port():
+    groups, hostvars = cluster()
+    found = ft(groups, hostvars, rayrack_gcs_store_port=6379)
+    assert len(found) == 1 and "6379" in found[0] and "rayrack_gcs_store_port" in found[0], found

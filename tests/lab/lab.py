@@ -414,6 +414,10 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
         "prometheus_listen_address": "0.0.0.0:9090",
         "alertmanager_listen_address": "0.0.0.0:9093",
         "firewall_extra_tcp_ports": ["9093"],
+        # The head may restart without ending the workers' work (its GCS in Redis on the head), and models are
+        # served from every node (tests/lab/test_head_ft.py).
+        "rayrack_gcs_ft": True,
+        "rayrack_serve_enabled": True,
     }, indent=2) + "\n")
 
 

@@ -250,6 +250,32 @@ def test_a_node_failing_mid_upgrade_stops_the_rollout_and_the_cluster_keeps_serv
     assert "last run: upgrade failed" in snap and f"failed on {WORKER1.name}" in snap, snap
 
 
+def test_without_fault_tolerance_a_head_restart_ends_the_workers_work(lab_up):
+    """The measurement behind the README's "without rayrack_gcs_ft": the same outage as test_head_ft.py's, on the
+    same lab converged with fault tolerance off."""
+    import test_head_ft as ft
+
+    converge = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(LAB.inventory_dir), "playbooks/ray.yml",
+         "-e", json.dumps({"rayrack_gcs_ft": False})],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(LAB.inventory_dir / ".facts")})
+    assert converge.returncode == 0, converge.stdout[-5000:]
+    assert "RAY_REDIS_ADDRESS" not in on(HEAD, "sudo cat /etc/rayrack/ray.env")
+    resource = ft.worker_resource()
+    ft.deploy_echo("v1", resource)
+    seen = ft.measure_head_outage(resource, "v1")
+    after = ft.count(resource, 1)
+    lost = {"raylets_restarted": not seen["raylets_kept"], "counter_lost": after["n"] == 1,
+            "model_gone": ft.echo_answers("v1") is None}
+    ft.record("without FT", {**{k: v for k, v in seen.items() if k not in ("counter_before", "raylets_kept")},
+                             **lost})
+    # What the README states, measured: the workers' raylets started over, the actor's state is gone, and the
+    # model stays down until it is deployed again (Serve's proxies come back with the head, its apps do not).
+    assert lost == {"raylets_restarted": True, "counter_lost": True, "model_gone": True}, (seen, after)
+    assert seen["success_during"] < 0.99, seen
+
+
 def test_teardown_needs_the_cluster_name_then_removes_ray_from_every_node(lab_up):
     wrong, _ = rayrack("teardown", "--confirm", "not-this-cluster")
     assert wrong.returncode != 0 and "confirm with -e teardown_confirm=" in wrong.stdout, wrong.stdout[-3000:]

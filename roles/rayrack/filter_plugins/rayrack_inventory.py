@@ -32,6 +32,12 @@ _tree_spec.loader.exec_module(rayrack_tree)
 CLUSTER_PREFIX = "rayrack_"
 HEAD_GROUP, WORKER_GROUP = "ray_head", "ray_workers"
 MIN_TOKEN_AUTH_RAY = (2, 52, 0)
+# Head fault tolerance: the GCS in an external Redis given by RAY_REDIS_ADDRESS with a password (`ray start`), TLS
+# to it (rediss://) and the raylets' reconnect timeout as Ray documents them.
+MIN_GCS_FT_RAY = (2, 9, 0)
+GCS_STORE_GROUP = "ray_gcs_store"
+# The reconnect timeout: long enough for a head restart, short enough that a dead head is noticed.
+GCS_RECONNECT_SECONDS = range(10, 3601)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 # Format rules beyond the type: (regex, what is allowed). Every rule is matched ASCII-only (re.ASCII): in Python
@@ -88,7 +94,7 @@ TOKEN_VARIABLES = frozenset({"rayrack_ray_token"})
 # The monitoring passwords: empty has them generated; one given is held to the tokens' rule, and to what bcrypt
 # reads of it (Prometheus and Alertmanager keep its bcrypt hash).
 PASSWORD_VARIABLES = frozenset({"rayrack_prometheus_password", "rayrack_alertmanager_password",
-                                "grafana_admin_password"})
+                                "grafana_admin_password", "rayrack_gcs_store_password"})
 MAX_PASSWORD_BYTES = 72
 # Paths on the nodes (every `type: path` variable) reach unit files unquoted (ReadWritePaths=, RequiresMountsFor=)
 # and command lines. Paths on the controller reach only Ansible there, under any home directory.
@@ -110,6 +116,7 @@ ADDRESS_VARIABLES = {
     "prometheus_alertmanagers": "listens",
     "firewall_allowed_sources": "networks", "firewall_ssh_sources": "networks",
     "firewall_monitoring_sources": "networks", "nfs_server_clients": "networks", "rayrack_nfs_clients": "networks",
+    "rayrack_serve_allowed_sources": "networks",
 }
 ADDRESS_ALLOWED = {
     "network": "empty, or a network (CIDR) such as 10.0.0.0/24",
@@ -156,6 +163,7 @@ INSECURE = {
     "firewall_ssh_sources": (_open_to_all, "{} admits every address to SSH"),
     "nfs_server_clients": (_open_to_all, "{} lets every address mount the shared tree"),
     "rayrack_nfs_clients": (_open_to_all, "{} lets every address mount the shared tree"),
+    "rayrack_serve_allowed_sources": (_open_to_all, "{} lets every address send requests to every model served"),
     "rayrack_ray_dashboard_host": (
         _off_loopback, "{} serves Ray's dashboard and Jobs API beyond the head over plain HTTP, so the cluster "
         "token of every call to it (the agents' state queries, the guard's job stops) crosses the network in clear"),
@@ -319,6 +327,9 @@ def check_value(name: str, value: Any, spec: Mapping[str, Any]) -> str | None:
                 return f"{name}: every key must be {ENV_NAME[1]}; got {key!r}"
             if not _fullmatch(NODE_PATH[0], path):
                 return f"{name}[{key}]: must be {NODE_PATH[1]}; got {path!r}"
+    if name == "rayrack_gcs_reconnect_timeout" and value not in GCS_RECONNECT_SECONDS:
+        return (f"{name}: must be {GCS_RECONNECT_SECONDS.start}-{GCS_RECONNECT_SECONDS.stop - 1} seconds (how long "
+                f"workers wait for a restarting head); got {value}")
     if name.endswith("_port") and not 1 <= value <= 65535:
         return f"{name}: must be a port number 1-65535; got {value}"
     return None
@@ -497,6 +508,26 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))
 
 
+def _gcs_ft_errors(groups: Mapping[str, Iterable[str]], cluster: Mapping[str, Any]) -> list[str]:
+    """Head fault tolerance: one Redis, and a Ray that supports it."""
+    stores = _group(groups, GCS_STORE_GROUP)
+    if not cluster.get("rayrack_gcs_ft"):
+        return [f"group {GCS_STORE_GROUP}: holds {', '.join(stores)}, but rayrack_gcs_ft is false; set it to true, "
+                "or remove the group"] if stores else []
+    errors = []
+    if GCS_STORE_GROUP in groups and not stores:
+        errors.append(f"rayrack_gcs_ft: true needs a Redis host, but group {GCS_STORE_GROUP} is empty; put one host in "
+                      "it, or remove the group to run Redis on the head")
+    if len(stores) > 1:
+        errors.append(f"group {GCS_STORE_GROUP}: must hold one host (rayrack runs one Redis, without replicas); found "
+                      f"{len(stores)} ({', '.join(stores)})")
+    version = cluster.get("rayrack_ray_version")
+    if version and _version_tuple(version) < MIN_GCS_FT_RAY:
+        errors.append(f"rayrack_gcs_ft: true needs Ray >= {'.'.join(map(str, MIN_GCS_FT_RAY))} (an external Redis "
+                      f"with a password and TLS); rayrack_ray_version is {version}")
+    return errors
+
+
 def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapping[str, Mapping[str, Any]],
                              specs: Mapping[str, Mapping[str, Any]] | None = None,
                              derived: Mapping[str, Any] | None = None) -> list[str]:
@@ -575,6 +606,8 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
         errors.append(f"rayrack_ray_version: token authentication needs Ray >= 2.52.0; got {version} (or turn it "
                       f"off: rayrack_ray_auth_token_enabled: false, with {ACCEPT_INSECURE}: "
                       "[rayrack_ray_auth_token_enabled])")
+
+    errors.extend(_gcs_ft_errors(groups, cluster))
 
     shared, packages = cluster.get("rayrack_shared_dir"), cluster.get("rayrack_package_dir")
     if shared and packages and not str(packages).startswith(str(shared).rstrip("/") + "/"):
