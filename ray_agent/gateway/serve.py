@@ -174,8 +174,8 @@ def plan(body: Any, details: Any, user: str, admin: bool) -> Plan:
         if not admin and existing is not None and existing.owner != user:
             raise Refusal(403, f"application {name} belongs to {existing.owner}")
         stamped = copy.deepcopy(app)
-        runtime_env = stamped.setdefault("runtime_env", {})
-        env_vars = runtime_env.setdefault("env_vars", {})
+        runtime_env = stamped["runtime_env"] = stamped.get("runtime_env") or {}  # null is Ray's empty too
+        env_vars = runtime_env["env_vars"] = runtime_env.get("env_vars") or {}
         owner = _owner_for(stamped, existing, user, admin)
         claimed = env_vars.get(SERVE_OWNER_ENV_VAR)
         if claimed is not None and claimed != owner:
