@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 # A job's owner is stamped into its metadata by the gateway at submission; anything else is "unknown".
 OWNER_METADATA_KEY = "rayrack.user"
+# A Serve application's owner is stamped by the gateway into its runtime_env's env_vars (an application has no
+# metadata): Ray keeps the deployed config in the GCS, so the owner outlives gateway and head restarts.
+SERVE_OWNER_ENV_VAR = "RAYRACK_USER"
 UNKNOWN_OWNER = "unknown"
 
 # A user name, also usable as a Linux login and a submission id prefix. The inventory check
@@ -77,3 +80,11 @@ def job_owner(metadata: object) -> str:
         if isinstance(owner, str) and owner:
             return owner
     return UNKNOWN_OWNER
+
+
+def serve_app_owner(config: object) -> str:
+    """The owner of a Serve application from its deployed config; apps deployed around the gateway are "unknown"."""
+    runtime_env = config.get("runtime_env") if isinstance(config, dict) else None
+    env_vars = runtime_env.get("env_vars") if isinstance(runtime_env, dict) else None
+    owner = env_vars.get(SERVE_OWNER_ENV_VAR) if isinstance(env_vars, dict) else None
+    return owner if isinstance(owner, str) and owner else UNKNOWN_OWNER

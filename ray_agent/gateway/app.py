@@ -1,4 +1,4 @@
-"""The aiohttp application: authenticate, apply the ownership rules, forward to Ray's Jobs API.
+"""The aiohttp application: authenticate, apply the ownership rules, forward to Ray's Jobs and Serve APIs.
 
 What reaches Ray is built from scratch for every request (`Upstream.headers`): a short list of content
 headers copied from the client, plus the cluster token. The client's Authorization, X-Ray-Authorization and
@@ -24,6 +24,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
+from ray_agent.gateway import serve
 from ray_agent.gateway.users import User, Users
 from ray_agent.users import OWNER_METADATA_KEY as OWNER_KEY
 from ray_agent.users import UNKNOWN_OWNER, job_owner
@@ -40,6 +41,8 @@ _MAX_BODY = 16 * 1024 * 1024
 _BUFFERED = 1024 * 1024
 
 _CALLER = "rayrack.caller"  # request key: the Caller, set once the token is checked
+_DETAIL = "rayrack.detail"  # request key: what the access log line adds (the Serve applications a deploy named)
+_SERVE_APPLICATIONS = "/api/serve/applications/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,9 @@ class Gateway:
         self.users = users
         self.upstream = upstream
         self.tails: set[web.WebSocketResponse] = set()
+        # A deploy reads Ray's applications, merges and writes them back: two at once would each drop the
+        # other's new applications.
+        self.serve_lock = asyncio.Lock()
 
     # --- authentication -----------------------------------------------------------------------
 
@@ -293,6 +299,54 @@ class Gateway:
                 self.tails.discard(ws)
             return ws
 
+    async def serve_deploy(self, request: web.Request) -> web.StreamResponse:
+        """`serve deploy`: the caller's applications replaced, every other owner's sent back as deployed."""
+        caller: Caller = request[_CALLER]
+        assert caller.user is not None
+        user = caller.user
+        try:
+            body = json.loads(await request.read())
+        except ValueError as err:
+            return _json(400, {"error": f"the body is not JSON (Serve's deploy config): {err}"})
+        if isinstance(body, dict) and isinstance(body.get("applications"), list):
+            names = [app.get("name") for app in body["applications"] if isinstance(app, dict)]
+            request[_DETAIL] = f"applications={json.dumps(names)}"
+        async with self.serve_lock:
+            status, details, raw = await self.upstream.get_json(_SERVE_APPLICATIONS)
+            if details is None:
+                return web.Response(status=status if status != 200 else 502, body=raw)
+            try:
+                plan = serve.plan(body, details, user.name, user.admin)
+            except serve.Refusal as refusal:
+                return _json(refusal.status, {"error": refusal.message})
+            for name, claimed in plan.replaced_owners:
+                log.warning("user=%s deployed application %s with %s=%r: replaced by %s", user.name, json.dumps(name),
+                            serve.SERVE_OWNER_ENV_VAR, claimed, user.name)  # fmt: skip
+            request[_DETAIL] = (f"applications={json.dumps(plan.deployed)} removed={json.dumps(plan.removed)} "
+                                f"kept={json.dumps(plan.kept)}")  # fmt: skip
+            return await self.forward(request, json.dumps(plan.document).encode())
+
+    async def serve_shutdown(self, request: web.Request) -> web.StreamResponse:
+        caller: Caller = request[_CALLER]
+        assert caller.user is not None
+        if not caller.user.admin:
+            return _json(403, {"error": "serve shutdown stops Ray Serve and every user's applications, so only an "
+                                        "admin may; to remove your own applications, deploy a config without them "
+                                        "(applications: [] removes them all)"})  # fmt: skip
+        async with self.serve_lock:
+            return await self.forward(request)
+
+    async def rayrack_serve(self, request: web.Request) -> web.Response:
+        status, details, raw = await self.upstream.get_json(_SERVE_APPLICATIONS)
+        if not isinstance(details, dict):
+            return web.Response(status=status if status != 200 else 502, body=raw)
+        apps = serve.deployed_apps(details)
+        return _json(200, {"applications": [
+            {"name": app.name, "user": app.owner, "status": app.status, "route_prefix": app.route_prefix,
+             "source": app.source}
+            for _, app in sorted(apps.items())
+        ]})  # fmt: skip
+
     async def whoami(self, request: web.Request) -> web.Response:
         caller: Caller = request[_CALLER]
         assert caller.user is not None
@@ -377,10 +431,16 @@ def build_app(users: Users, upstream: Upstream) -> web.Application:
         ("POST", "/api/jobs/{job_id}/stop", gateway.owned),
         ("GET", "/api/packages/{protocol}/{name}", gateway.passthrough),
         ("PUT", "/api/packages/{protocol}/{name}", gateway.put_package),
+        # Serve's CLI checks this version path before each call (the jobs SDK asks /api/version).
+        ("GET", "/api/ray/version", gateway.passthrough),
+        ("GET", _SERVE_APPLICATIONS, gateway.passthrough),
+        ("PUT", _SERVE_APPLICATIONS, gateway.serve_deploy),
+        ("DELETE", _SERVE_APPLICATIONS, gateway.serve_shutdown),
         ("GET", "/api/rayrack/whoami", gateway.whoami),
     ]
     cluster_routes: list[tuple[str, str, Handler]] = [
         ("GET", "/api/rayrack/jobs", gateway.rayrack_jobs),
+        ("GET", "/api/rayrack/serve", gateway.rayrack_serve),
     ]
 
     def guarded(handler: Handler, allow_cluster: bool) -> Handler:
@@ -431,13 +491,15 @@ async def _access_log(request: web.Request, handler: Handler) -> web.StreamRespo
         raise
     finally:
         caller = request.get(_CALLER)
+        detail = request.get(_DETAIL)
         log.info(
-            "user=%s method=%s path=%s status=%d duration=%.3fs",
+            "user=%s method=%s path=%s status=%d duration=%.3fs%s",
             caller.name if isinstance(caller, Caller) else "-",
             request.method,
             request.path,
             status,
             time.monotonic() - started,
+            f" {detail}" if detail else "",
         )
 
 

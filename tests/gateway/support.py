@@ -23,6 +23,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import requests
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -386,6 +390,19 @@ class Gateway:
 def client_env(head: RayHead, account: Account) -> dict[str, str]:
     """What a researcher sets: token auth on, the token file theirs (the SDK reads both once per process)."""
     return head.env(account.token_file)
+
+
+def call(gateway: Gateway, method: str, path: str, account: Account | None = None, **kwargs: object
+         ) -> requests.Response:  # fmt: skip
+    """One request to the gateway as `account` (its token as Ray's SDK sends it), trusting the test CA."""
+    import requests  # with Ray (its dependency): this module's fixtures skip or fail without it
+
+    assert gateway.pki is not None
+    headers = dict(kwargs.pop("headers", {}) or {})  # type: ignore[call-overload]
+    if account is not None:
+        headers["Authorization"] = f"Bearer {account.token}"
+    return requests.request(method, gateway.url + path, headers=headers, verify=str(gateway.pki.ca_cert),
+                            timeout=60, **kwargs)  # type: ignore[arg-type]  # fmt: skip
 
 
 _SDK_PREAMBLE = """

@@ -6,28 +6,12 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
-from gateway.support import Account, Gateway, RayHead, free_ports, ray_job_cli, run_sdk, write_users
-
-if TYPE_CHECKING:
-    import requests
+from gateway.support import Account, Gateway, RayHead, call, free_ports, ray_job_cli, run_sdk, write_users
 
 pytestmark = pytest.mark.slow
-
-
-def call(gateway: Gateway, method: str, path: str, account: Account | None = None, **kwargs: object
-         ) -> requests.Response:  # fmt: skip
-    import requests  # with Ray (its dependency): this module's fixtures skip or fail without it
-
-    assert gateway.pki is not None
-    headers = dict(kwargs.pop("headers", {}) or {})  # type: ignore[call-overload]
-    if account is not None:
-        headers["Authorization"] = f"Bearer {account.token}"
-    return requests.request(method, gateway.url + path, headers=headers, verify=str(gateway.pki.ca_cert),
-                            timeout=60, **kwargs)  # type: ignore[arg-type]  # fmt: skip
 
 
 def job(head: RayHead, submission_id: str) -> dict:

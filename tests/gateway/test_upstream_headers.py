@@ -58,6 +58,8 @@ class Recorder:
             document = [{"submission_id": "alice-x", "metadata": {"rayrack.user": "alice"}}]
         elif request.method == "POST" and request.path == "/api/jobs/":
             document = {"submission_id": json.loads(body)["submission_id"]}
+        elif request.method == "GET" and request.path == "/api/serve/applications/":
+            document = {"http_options": {"host": "127.0.0.1", "port": 8000}, "applications": {}}  # Serve runs
         else:
             document = {}
         response = web.json_response(document)
@@ -122,6 +124,10 @@ def test_upstream_sees_the_cluster_token_only(recorded: tuple[Recorder, Gateway,
         session.get(f"{gw.url}/api/jobs/x/logs", headers=sent),
         session.put(f"{gw.url}/api/packages/gcs/_ray_pkg_0.zip", headers=sent, data=b"PK" * 100_000),
         session.get(f"{gw.url}/api/rayrack/jobs", headers=sent),
+        session.get(f"{gw.url}/api/ray/version", headers=sent),
+        session.get(f"{gw.url}/api/serve/applications/", headers=sent),
+        session.put(f"{gw.url}/api/serve/applications/", headers=sent, json={"applications": []}),
+        session.get(f"{gw.url}/api/rayrack/serve", headers=sent),
     ]
     assert [a.status_code for a in answers] == [200] * len(answers)
     # Ray's cookie stays between the gateway and Ray.
@@ -139,7 +145,7 @@ def test_upstream_sees_the_cluster_token_only(recorded: tuple[Recorder, Gateway,
         lowered = {k.lower() for k in headers}
         assert not lowered & {"x-ray-authorization", "cookie", "x-forwarded-for"}, (method, path, headers)
         assert token not in json.dumps(headers) + body.decode(errors="replace")
-    uploads = [body for method, _, _, body in recorder.seen if method == "PUT"]
+    uploads = [body for method, path, _, body in recorder.seen if method == "PUT" and path.startswith("/api/packages/")]
     assert uploads == [b"PK" * 100_000]
     assert token not in gw.log()
 
