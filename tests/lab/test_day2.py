@@ -262,6 +262,7 @@ def test_without_fault_tolerance_a_head_restart_ends_the_workers_work(lab_up):
         env={**os.environ, "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(LAB.inventory_dir / ".facts")})
     assert converge.returncode == 0, converge.stdout[-5000:]
     assert "RAY_REDIS_ADDRESS" not in on(HEAD, "sudo cat /etc/rayrack/ray.env")
+    ft.alice_ready()
     resource = ft.worker_resource()
     ft.deploy_echo("v1", resource)
     seen = ft.measure_head_outage(resource, "v1")

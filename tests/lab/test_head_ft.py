@@ -27,6 +27,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab as labtool
 from test_faults import alive_nodes, all_alive, job_runs_everywhere, sh, unit, wait_for
+from test_gateway import install, install_token
 
 pytestmark = pytest.mark.lab
 
@@ -162,17 +163,26 @@ def deploy_echo(version: str, resource: str) -> None:
     as_alice(f"{SERVE} deploy {target}/serve.json -a {shlex.quote(GATEWAY)}")
 
 
+# Runs on worker1: each URL's answer (JSON), or null when it does not answer.
+ASK = r"""
+import json, sys, urllib.request
+answers = []
+for url in sys.argv[1:]:
+    try:
+        answers.append(json.load(urllib.request.urlopen(url, timeout=3)))
+    except Exception:
+        answers.append(None)
+print(json.dumps(answers))
+"""
+
+
 def echo_answers(version: str) -> dict | None:
     """Each worker's proxy answers with the version, from a replica on that same worker."""
-    answers = {}
-    for worker in LAB.nodes[1:]:
-        res = labtool.ssh(LAB, node("worker1"), f"curl -sf --max-time 3 http://{worker.ip}:{SERVE_PORT}/echo",
-                          check=False)
-        if res.returncode != 0:
-            return None
-        answers[worker.ip] = json.loads(res.stdout)
-    ok = all(a["version"] == version and a["node"] == ip for ip, a in answers.items())
-    return answers if ok else None
+    workers = LAB.nodes[1:]
+    urls = " ".join(f"http://{w.ip}:{SERVE_PORT}/echo" for w in workers)
+    answers = json.loads(sh(LAB, node("worker1"), f"python3 - {urls}", input_text=ASK).strip().splitlines()[-1])
+    ok = all(a and a.get("version") == version and a.get("node") == w.ip for w, a in zip(workers, answers, strict=True))
+    return dict(zip((w.ip for w in workers), answers, strict=True)) if ok else None
 
 
 def count(resource: str, add: int) -> dict:
@@ -229,10 +239,17 @@ def success(results: list[tuple[float, int, bool]], start: float, end: float) ->
     return sum(window), len(window)
 
 
+def alice_ready() -> None:
+    """alice's token and the cluster CA in her login on worker1, as the admin hands them out."""
+    install_token("alice")
+    install("alice", "ca.crt", (LAB.inventory_dir / ".secrets" / "ca" / "ca.crt").read_text())
+
+
 @pytest.fixture(scope="module")
 def lab():
     if LAB is None:
         pytest.fail(f"lab {LAB_NAME!r} is not up: `make integration` converges the molecule lab, then runs these")
+    alice_ready()
     return LAB
 
 
@@ -283,6 +300,7 @@ def test_with_fault_tolerance_the_head_restarts_under_a_served_model_and_nothing
     assert seen["success_during"] >= 0.99, seen
     # Serve's config came back from the GCS: the same version answers, and the owner is still alice.
     assert echo_answers("v1"), "the model does not answer after the outage"
+    assert "RAYRACK_USER: alice" in as_alice(f"{SERVE} config -a {shlex.quote(GATEWAY)}")
     assert unit(lab, node("head"), "rayrack-serve")["ActiveState"] == "active"
     job_runs_everywhere(lab)
 
@@ -308,6 +326,7 @@ def test_redis_refuses_a_client_without_the_password_a_login_and_an_outsider(lab
         f"hostname -I; timeout 5 bash -c 'exec 3<>/dev/tcp/{head.ip}/{STORE_PORT}' 2>&1; echo rc=$?",
         check=False, capture=True)
     assert "rc=0" not in outsider.stdout, outsider.stdout
-    # A node can (the head's GCS is the only client; the nodes are its set).
-    assert labtool.ssh(lab, node("worker1"), f"timeout 5 bash -c 'exec 3<>/dev/tcp/{head.ip}/{STORE_PORT}'",
-                       check=False).returncode == 0
+    # A node's root can (the nodes are Redis' set); the node's other logins are refused there too.
+    connect = f"timeout 5 bash -c 'exec 3<>/dev/tcp/{head.ip}/{STORE_PORT}'"
+    assert labtool.ssh(lab, node("worker1"), f"sudo {connect}", check=False).returncode == 0
+    assert labtool.ssh(lab, node("worker1"), connect, check=False).returncode != 0
