@@ -418,6 +418,7 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
         # served from every node (tests/lab/test_head_ft.py).
         "rayrack_gcs_ft": True,
         "rayrack_serve_enabled": True,
+        "smoke_serve": True,
     }, indent=2) + "\n")
 
 

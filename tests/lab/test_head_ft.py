@@ -303,6 +303,14 @@ def test_with_fault_tolerance_the_head_restarts_under_a_served_model_and_nothing
     assert "RAYRACK_USER: alice" in as_alice(f"{SERVE} config -a {shlex.quote(GATEWAY)}")
     assert unit(lab, node("head"), "rayrack-serve")["ActiveState"] == "active"
     job_runs_everywhere(lab)
+    # Serve's own metrics reach Prometheus from both workers' proxies, with the rest of Ray's.
+    wait_for("the model's request counts from both workers in Prometheus", served_by, 60, 2)
+
+
+def served_by() -> bool:
+    query = 'sum by (node) (ray_serve_num_http_requests_total{application="echo"})'
+    rows = labtool.prometheus(LAB, [("/api/v1/query", {"query": query})])[0]["data"]["result"]
+    return {r["metric"]["node"] for r in rows} >= {w.name for w in LAB.nodes[1:]}
 
 
 def test_redis_refuses_a_client_without_the_password_a_login_and_an_outsider(lab):
