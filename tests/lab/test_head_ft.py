@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 import textwrap
@@ -196,6 +197,21 @@ def count(resource: str, add: int) -> dict:
     return json.loads(line.removeprefix("COUNTER "))
 
 
+def submit_sleeper() -> str:
+    """A job of alice's that would run for minutes (its driver runs on the head, as every job's does)."""
+    out = as_alice("/opt/rayrack/venv/bin/ray job submit --verify ~/.rayrack/ca.crt --no-wait -- "
+                   "python -c 'import time; time.sleep(900)'")
+    match = re.search(r"Job '([^']+)' submitted successfully", out)
+    assert match, out[-2000:]
+    return match.group(1)
+
+
+def job_status(job_id: str) -> str:
+    out = as_alice(f"/opt/rayrack/venv/bin/ray job status --verify ~/.rayrack/ca.crt {shlex.quote(job_id)}")
+    match = re.search(r"Status for job '[^']+': (\w+)", out)
+    return match.group(1) if match else out.strip().splitlines()[-1][-200:]
+
+
 def raylet_pids() -> dict[str, str]:
     return {w.name: sh(LAB, w, "pgrep -u ray -x raylet").strip() for w in LAB.nodes[1:]}
 
@@ -266,6 +282,8 @@ def measure_head_outage(resource: str, version: str) -> dict:
     """The served model, the counter and the raylets across one head outage; the figures and what survived."""
     wait_for("alice's model on both workers", lambda: echo_answers(version), 240, interval=2)
     counted = count(resource, 3)
+    sleeper = submit_sleeper()
+    wait_for("the long job runs", lambda: job_status(sleeper) == "RUNNING", 120, interval=2)
     pids = raylet_pids()
     load = start_load(version, 600)
     time.sleep(5)  # the client's steady state before the fault
@@ -274,6 +292,12 @@ def measure_head_outage(resource: str, version: str) -> dict:
     results = stop_load(load)
     ok_during, sent_during = success(results, marks["killed"], marks["all_alive"])
     ok_all, sent_all = success(results, 0, float("inf"))
+    # A job's driver and supervisor run on the head: what became of the running job.
+    driver_alive = labtool.ssh(LAB, node("head"), "pgrep -f 'time.sleep.900'", check=False).returncode == 0
+    job_after = wait_for("the long job's state after the outage", lambda: (
+        st if (st := job_status(sleeper)) in ("RUNNING", "FAILED", "STOPPED", "SUCCEEDED") else None), 120, 2)
+    if job_after == "RUNNING":
+        as_alice(f"/opt/rayrack/venv/bin/ray job stop --verify ~/.rayrack/ca.crt {shlex.quote(sleeper)}", timeout=60)
     return {
         "outage_s": round(marks["head_back"] - marks["killed"], 1),
         "rejoin_s": round(marks["all_alive"] - marks["head_back"], 1),
@@ -281,6 +305,8 @@ def measure_head_outage(resource: str, version: str) -> dict:
         "success_during": round(ok_during / sent_during, 4) if sent_during else None,
         "success_all": round(ok_all / sent_all, 4) if sent_all else None,
         "raylets_kept": raylet_pids() == pids,
+        "running_job": job_after,
+        "job_driver_alive": driver_alive,
         "counter_before": counted,
     }
 
@@ -293,6 +319,8 @@ def test_with_fault_tolerance_the_head_restarts_under_a_served_model_and_nothing
     after = count(resource, 1)
     record("with FT", {k: v for k, v in seen.items() if k != "counter_before"})
     assert seen["raylets_kept"], seen
+    # As the README says: a running job's driver lives on the head and ends with it, even with FT.
+    assert not seen["job_driver_alive"], seen
     # The detached actor kept its state and its process on worker2.
     assert after["n"] == seen["counter_before"]["n"] + 1, (seen, after)
     assert after["where"] == seen["counter_before"]["where"], (seen, after)
@@ -303,6 +331,8 @@ def test_with_fault_tolerance_the_head_restarts_under_a_served_model_and_nothing
     assert "RAYRACK_USER: alice" in as_alice(f"{SERVE} config -a {shlex.quote(GATEWAY)}")
     assert unit(lab, node("head"), "rayrack-serve")["ActiveState"] == "active"
     job_runs_everywhere(lab)
+    # Ray's Serve dashboards are provisioned for Grafana with Ray's others.
+    assert "serve_grafana_dashboard.json" in sh(lab, node("head"), "ls /var/lib/grafana/dashboards/ray")
     # Serve's own metrics reach Prometheus from both workers' proxies, with the rest of Ray's.
     wait_for("the model's request counts from both workers in Prometheus", served_by, 60, 2)
 

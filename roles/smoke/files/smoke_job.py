@@ -91,7 +91,7 @@ def check_serve(port: int, replicas: int) -> dict[str, bool]:
     try:
         ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
         answers = {}
-        for node_id, proxy in serve.status().proxies.items():
+        for node_id in serve.status().proxies:
             ip = ips.get(node_id, node_id)
             try:
                 with urllib.request.urlopen(f"http://{ip}:{port}/{SMOKE_APP}", timeout=10) as reply:
