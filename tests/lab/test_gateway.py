@@ -172,9 +172,10 @@ def test_owners_admins_and_a_revoked_token():
 
 
 def handshake_failures() -> int:
-    """TLS handshakes Ray's servers on the head refused so far (GCS, Ray Client: their logs)."""
+    """TLS handshakes Ray's servers on the head refused so far (GCS, Ray Client: their logs). A head restarted with
+    rayrack_gcs_ft keeps its session directory and writes gcs_server.1.err, .2, ...: every file counts."""
     logs = "/var/lib/rayrack/ray/session_latest/logs"
-    out = on(LAB.nodes[0].name, f"sudo sh -c 'cat {logs}/gcs_server.err {logs}/ray_client_server.err'").stdout
+    out = on(LAB.nodes[0].name, f"sudo sh -c 'cat {logs}/gcs_server*.err {logs}/ray_client_server*.err'").stdout
     return out.count("Handshake failed")
 
 
