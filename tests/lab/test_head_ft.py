@@ -278,12 +278,14 @@ def record(case: str, values: dict) -> None:
     print(f"\nhead outage, {case}: " + "  ".join(f"{k}={v}" for k, v in values.items()) + f" (in {RESULTS})")
 
 
-def measure_head_outage(resource: str, version: str) -> dict:
-    """The served model, the counter and the raylets across one head outage; the figures and what survived."""
+def measure_head_outage(resource: str, version: str, running_job: bool = True) -> dict:
+    """The served model, the counter, the raylets and (running_job) a job's driver across one head outage; the
+    figures and what survived."""
     wait_for("alice's model on both workers", lambda: echo_answers(version), 240, interval=2)
     counted = count(resource, 3)
-    sleeper = submit_sleeper()
-    wait_for("the long job runs", lambda: job_status(sleeper) == "RUNNING", 120, interval=2)
+    if running_job:
+        sleeper = submit_sleeper()
+        wait_for("the long job runs", lambda: job_status(sleeper) == "RUNNING", 120, interval=2)
     pids = raylet_pids()
     load = start_load(version, 600)
     time.sleep(3)  # the client's steady state before the fault
@@ -293,11 +295,15 @@ def measure_head_outage(resource: str, version: str) -> dict:
     ok_during, sent_during = success(results, marks["killed"], marks["all_alive"])
     ok_all, sent_all = success(results, 0, float("inf"))
     # A job's driver and supervisor run on the head: what became of the running job.
-    driver_alive = labtool.ssh(LAB, node("head"), "pgrep -f 'time.sleep.900'", check=False).returncode == 0
-    job_after = wait_for("the long job's state after the outage", lambda: (
-        st if (st := job_status(sleeper)) in ("RUNNING", "FAILED", "STOPPED", "SUCCEEDED") else None), 120, 2)
-    if job_after == "RUNNING":
-        as_alice(f"/opt/rayrack/venv/bin/ray job stop --verify ~/.rayrack/ca.crt {shlex.quote(sleeper)}", timeout=60)
+    job = {}
+    if running_job:
+        alive = labtool.ssh(LAB, node("head"), "pgrep -f '[t]ime.sleep.900'", check=False).returncode == 0
+        after = wait_for("the long job's state after the outage", lambda: (
+            st if (st := job_status(sleeper)) in ("RUNNING", "FAILED", "STOPPED", "SUCCEEDED") else None), 120, 2)
+        if after == "RUNNING":
+            as_alice(f"/opt/rayrack/venv/bin/ray job stop --verify ~/.rayrack/ca.crt {shlex.quote(sleeper)}",
+                     timeout=60)
+        job = {"running_job": after, "job_driver_alive": alive}
     return {
         "outage_s": round(marks["head_back"] - marks["killed"], 1),
         "rejoin_s": round(marks["all_alive"] - marks["head_back"], 1),
@@ -305,8 +311,7 @@ def measure_head_outage(resource: str, version: str) -> dict:
         "success_during": round(ok_during / sent_during, 4) if sent_during else None,
         "success_all": round(ok_all / sent_all, 4) if sent_all else None,
         "raylets_kept": raylet_pids() == pids,
-        "running_job": job_after,
-        "job_driver_alive": driver_alive,
+        **job,
         "counter_before": counted,
     }
 
