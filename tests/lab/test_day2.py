@@ -1,5 +1,6 @@
-"""Day-2 on a converged lab, in file order: a worker removed and added back, a rolling Ray upgrade node by node
-while a long job runs, a node failing mid-upgrade, and last the teardown. They change the lab for good, so
+"""Day-2 on a converged lab, in file order: a worker removed and added back, a head outage without fault
+tolerance, a rolling Ray upgrade node by node while a long job runs, a node failing mid-upgrade, and last the
+teardown. They change the lab for good, so
 `make integration` runs them after the other lab tests.
 
 By default it uses the molecule lab (`make integration`); RAYRACK_UPGRADE_LAB / _SUBNET name another lab,
@@ -156,6 +157,36 @@ def test_a_removed_worker_stays_out_until_add_node_brings_it_back(lab_up):
     assert sum(int(n) for n in row(snap, WORKER2)[6].split("/")) == 2, snap
 
 
+def test_without_fault_tolerance_a_head_restart_ends_the_workers_work(lab_up):
+    """The measurement behind the README's "without rayrack_gcs_ft": the same outage as test_head_ft.py's, on the
+    same lab converged with fault tolerance off. It runs while every node has the inventory's Ray (before the
+    upgrades): only the head changes. The upgrade after it brings the head back to the inventory's settings."""
+    import test_head_ft as ft
+
+    # Only the head's configuration changes (the workers carry no store settings).
+    converge = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(LAB.inventory_dir), "playbooks/ray.yml",
+         "--limit", HEAD.name, "-e", json.dumps({"rayrack_gcs_ft": False})],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(LAB.inventory_dir / ".facts")})
+    assert converge.returncode == 0, converge.stdout[-5000:]
+    assert "RAY_REDIS_ADDRESS" not in on(HEAD, "sudo cat /etc/rayrack/ray.env")
+    ft.alice_ready()
+    resource = ft.worker_resource()
+    ft.deploy_echo("v1", resource)
+    # No running job this time: without FT its record goes with the head.
+    seen = ft.measure_head_outage(resource, "v1", running_job=False)
+    after = ft.count(resource, 1)
+    lost = {"raylets_restarted": not seen["raylets_kept"], "counter_lost": after["n"] == 1,
+            "model_gone": ft.echo_answers("v1") is None}
+    ft.record("without FT", {**{k: v for k, v in seen.items() if k not in ("counter_before", "raylets_kept")},
+                             **lost})
+    # What the README states, measured: the workers' raylets started over, the actor's state is gone, and the
+    # model stays down until it is deployed again (Serve's proxies come back with the head, its apps do not).
+    assert lost == {"raylets_restarted": True, "counter_lost": True, "model_gone": True}, (seen, after)
+    assert seen["success_during"] < 0.99, seen
+
+
 @pytest.fixture(scope="module")
 def lab_up():
     if not LAB.known_hosts.exists():
@@ -248,35 +279,6 @@ def test_a_node_failing_mid_upgrade_stops_the_rollout_and_the_cluster_keeps_serv
     assert f"GPU TASK RAN ON {WORKER2.name}" in jobs_api("GET", f"/api/jobs/{job_id}/logs").get("logs", "")
     snap = status()
     assert "last run: upgrade failed" in snap and f"failed on {WORKER1.name}" in snap, snap
-
-
-def test_without_fault_tolerance_a_head_restart_ends_the_workers_work(lab_up):
-    """The measurement behind the README's "without rayrack_gcs_ft": the same outage as test_head_ft.py's, on the
-    same lab converged with fault tolerance off."""
-    import test_head_ft as ft
-
-    # Only the head's configuration changes (the workers carry no store settings).
-    converge = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(LAB.inventory_dir), "playbooks/ray.yml",
-         "--limit", HEAD.name, "-e", json.dumps({"rayrack_gcs_ft": False})],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(LAB.inventory_dir / ".facts")})
-    assert converge.returncode == 0, converge.stdout[-5000:]
-    assert "RAY_REDIS_ADDRESS" not in on(HEAD, "sudo cat /etc/rayrack/ray.env")
-    ft.alice_ready()
-    resource = ft.worker_resource()
-    ft.deploy_echo("v1", resource)
-    # No running job this time: without FT its record goes with the head.
-    seen = ft.measure_head_outage(resource, "v1", running_job=False)
-    after = ft.count(resource, 1)
-    lost = {"raylets_restarted": not seen["raylets_kept"], "counter_lost": after["n"] == 1,
-            "model_gone": ft.echo_answers("v1") is None}
-    ft.record("without FT", {**{k: v for k, v in seen.items() if k not in ("counter_before", "raylets_kept")},
-                             **lost})
-    # What the README states, measured: the workers' raylets started over, the actor's state is gone, and the
-    # model stays down until it is deployed again (Serve's proxies come back with the head, its apps do not).
-    assert lost == {"raylets_restarted": True, "counter_lost": True, "model_gone": True}, (seen, after)
-    assert seen["success_during"] < 0.99, seen
 
 
 def test_teardown_needs_the_cluster_name_then_removes_ray_from_every_node(lab_up):
