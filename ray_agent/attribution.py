@@ -461,6 +461,9 @@ class Attribution:
         found = self._environ.get(key)
         if found is None:
             environ = _read_environ(self.proc_path, pid)
+            if environ == {}:
+                # Caught inside exec: the new image's environment is not in place yet. Ask again next time.
+                return _NOT_RAY
             found = (local_job(environ) if environ is not None else None) or _NOT_RAY
             if len(self._environ) >= _ENVIRON_CACHE_SIZE:
                 self._environ.clear()

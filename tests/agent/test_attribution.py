@@ -398,6 +398,19 @@ def test_a_child_of_a_ray_worker_belongs_to_its_job(dashboard: RayDashboard, tok
     assert attribution.ray_identity(7000) is None  # no such process
 
 
+def test_a_process_caught_inside_exec_is_read_again(
+    dashboard: RayDashboard, token_file: Path, tmp_path: Path
+) -> None:
+    # Between exec's start and the new image's stack, /proc/<pid>/environ reads empty: not an answer to keep.
+    proc = fake_proc(tmp_path, {4000: 1})
+    (proc / "4000" / "environ").write_bytes(b"")
+    attribution = attribution_for(dashboard, token_file, proc_path=proc)
+    assert attribution.refresh().success
+    assert attribution.ray_identity(4000) is None
+    (proc / "4000" / "environ").write_bytes(b"PATH=/usr/bin\0RAY_JOB_ID=02000000\0")
+    assert attribution.ray_identity(4000) == RayIdentity("02000000", submission_id="alice-raysubmit_aaaa", user="alice")
+
+
 def test_ancestor_walk_is_bounded(dashboard: RayDashboard, token_file: Path, tmp_path: Path) -> None:
     chain = {7000 + i: 7000 + i + 1 for i in range(20)}
     chain[7020] = 1001
@@ -416,7 +429,14 @@ def ray_process(env: dict[str, str], children: int = 0) -> subprocess.Popen:
     code = "import time; time.sleep(60)"
     for _ in range(children):
         code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"
-    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env})
+    process = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env})
+    # Popen returns once exec began, which can be before the new environment is readable in /proc.
+    environ = Path(f"/proc/{process.pid}/environ")
+    deadline = time.monotonic() + 10
+    while not environ.read_bytes():
+        assert time.monotonic() < deadline, f"pid {process.pid} shows no environment"
+        time.sleep(0.01)
+    return process
 
 
 def descendant(pid: int, depth: int, timeout: float = 10.0) -> int:
