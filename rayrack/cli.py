@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="rolling upgrade to the inventory's rayrack_ray_version, head last")
     upgrade.add_argument("--ray-version", help="upgrade to this Ray instead of the inventory's (then set "
                                                "rayrack_ray_version there too, or the next converge goes back)")
-    upgrade.add_argument("--batch", type=int, default=1, help="workers upgraded at a time (default: 1)")
+    upgrade.add_argument("--batch", type=int,
+                         help="workers upgraded at a time (default: the inventory's ray_drain_batch_size)")
     upgrade.add_argument("--drain-timeout", type=int, help="seconds a drained node waits for running tasks")
     upgrade.add_argument("--role", action="append", default=[], dest="roles",
                          help="also apply this role to every drained node (repeatable), e.g. a GPU driver role")
@@ -84,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
                                help="check one node's GPUs, saved nvidia-smi outputs or live (see gpu-check --help)")
     gpu_check.add_argument("check_args", nargs=argparse.REMAINDER)
     return p
+
+
+def upgrade_extravars(args: argparse.Namespace) -> dict[str, object]:
+    """The extra variables of `rayrack upgrade`: only the options given, so the inventory decides the rest."""
+    extravars: dict[str, object] = {}
+    if args.batch is not None:
+        extravars["ray_drain_batch_size"] = args.batch
+    if args.ray_version:
+        extravars["rayrack_ray_version"] = args.ray_version
+    if args.drain_timeout is not None:
+        extravars["ray_drain_timeout"] = args.drain_timeout
+    if args.roles:
+        extravars["ray_drain_upgrade_roles"] = args.roles
+    return extravars
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,16 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     extravars: dict[str, object] = {}
     limit = None
     if args.command == "upgrade":
-        if args.batch < 1:
+        if args.batch is not None and args.batch < 1:
             print("rayrack: --batch must be at least 1", file=sys.stderr)
             return 1
-        extravars["ray_drain_batch_size"] = args.batch
-        if args.ray_version:
-            extravars["rayrack_ray_version"] = args.ray_version
-        if args.drain_timeout is not None:
-            extravars["ray_drain_timeout"] = args.drain_timeout
-        if args.roles:
-            extravars["ray_drain_upgrade_roles"] = args.roles
+        extravars = upgrade_extravars(args)
         limit = args.limit
     elif args.command in ("drain", "remove-node"):
         node = inv.get(args.node)
