@@ -70,12 +70,16 @@ bench-agent: venv nvml-sim ## ray_agent: CPU per scrape, RSS, /metrics latency; 
 	$(BIN)/python tests/bench/bench_agent.py --nvml $(BENCH_AGENT_NVML)
 
 NVML_SIM_SRC := ray_agent/gpu/nvml_sim
-NVML_SIM_LIB := build/nvml-sim/libnvidia-ml.so.1
+# The scenario the library reads when RAYRACK_NVML_SCENARIO is not set. The nvml_sim role passes its own
+# (under rayrack_config_dir) with a library path of its own; this is the one of rayrack_config_dir's default.
+NVML_SIM_CONFIG ?= /etc/rayrack/nvml-sim.conf
+NVML_SIM_LIB ?= build/nvml-sim/libnvidia-ml.so.1
 nvml-sim: $(NVML_SIM_LIB) ## The simulated libnvidia-ml.so.1 (GPUs from a scenario), built with this machine's gcc
 
 $(NVML_SIM_LIB): $(NVML_SIM_SRC)/nvml_sim.c $(NVML_SIM_SRC)/nvml_sim_unsupported.h
 	@mkdir -p $(@D)
 	$(CC) -std=gnu11 -O2 -g -fPIC -fvisibility=hidden -Wall -Wextra -Werror -shared \
+	  -DSCENARIO_DEFAULT='"$(NVML_SIM_CONFIG)"' \
 	  -Wl,-soname,libnvidia-ml.so.1 -Wl,--no-undefined -o $@.tmp $< -lm -lpthread
 	mv $@.tmp $@
 

@@ -62,8 +62,6 @@ from ray_agent.gpu.fake import (
 )
 
 FORMAT = "rayrack-nvml-sim 1"
-# The file the library reads when RAYRACK_NVML_SCENARIO is not set.
-DEFAULT_PATH = Path("/etc/rayrack/nvml-sim.conf")
 _TRACES = (
     ("utilization", "utilization"),
     ("memory_utilization", "memory_utilization"),

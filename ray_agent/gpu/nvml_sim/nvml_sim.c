@@ -2,7 +2,8 @@
  * Simulated libnvidia-ml.so.1: NVML's C interface answering from a compiled rayrack GPU scenario.
  *
  * The configuration is written by `ray-agent nvml-sim compile` (format: compiler.py) and read at the first
- * nvmlInit from $RAYRACK_NVML_SCENARIO, else /etc/rayrack/nvml-sim.conf. Scenario time is wall-clock time
+ * nvmlInit from $RAYRACK_NVML_SCENARIO, else SCENARIO_DEFAULT, the path `make nvml-sim` builds in (the nvml_sim
+ * role's, under rayrack_config_dir; NVML_SIM_CONFIG in the Makefile). Scenario time is wall-clock time
  * since the file's epoch (its mtime unless it names one), so every process on a node sees the same GPUs at
  * the same moment. Values follow ray_agent/gpu/fake.py: traces, faults, delays, processes, XIDs, ECC.
  * Entry points the simulator does not model return NVML_ERROR_NOT_SUPPORTED (nvml_sim_unsupported.h).
@@ -40,7 +41,9 @@ enum {
 };
 
 #define SCENARIO_ENV "RAYRACK_NVML_SCENARIO"
-#define SCENARIO_DEFAULT "/etc/rayrack/nvml-sim.conf"
+#ifndef SCENARIO_DEFAULT
+#error "SCENARIO_DEFAULT (the scenario's path on the node) comes from make nvml-sim"
+#endif
 #define FORMAT_LINE "rayrack-nvml-sim 1"
 #define NVML_VERSION_PREFIX "12."
 #define CUDA_DRIVER_VERSION 12040
