@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import required
 
 from agent.support import metric_lines, sample_value
 from ray_agent.cli import EXIT_FAILURE, EXIT_OK
@@ -102,15 +103,6 @@ gpu:
 attribution:
   enabled: false
 """
-
-
-def need(ok: bool, message: str) -> None:
-    """A missing precondition skips on a developer machine and fails in CI, which provides it."""
-    if ok:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (required in CI)")
-    pytest.skip(message)
 
 
 def podman_argv(*args: str) -> list[str]:
@@ -190,8 +182,9 @@ def build_wheels(base_id: str, context: Path) -> None:
 def ensure_base_image() -> str:
     cas = labtool.ca_files(Path("/usr/local/share/ca-certificates"))
     if labtool.image_digest() != labtool.recipe_digest(cas):
-        need(os.geteuid() == 0 and shutil.which("debootstrap") is not None,
-             f"{BASE_IMAGE} needs building, which takes root and debootstrap (tests/lab/lab.py host-deps)")
+        if os.geteuid() != 0 or shutil.which("debootstrap") is None:
+            required.missing(f"{BASE_IMAGE} needs building, which takes root and debootstrap "
+                             "(tests/lab/lab.py host-deps)")
         labtool.build_image(cas)
     base_id = image_value(BASE_IMAGE, "{{.Id}}")
     assert base_id, f"{BASE_IMAGE} missing after building it"
@@ -200,7 +193,7 @@ def ensure_base_image() -> str:
 
 @pytest.fixture(scope="module")
 def nvml_image() -> str:
-    need(shutil.which("podman") is not None, "podman not installed (tests/lab/lab.py host-deps)")
+    required.binary("podman", "tests/lab/lab.py host-deps")
     base_id = ensure_base_image()
     digest = recipe_digest(base_id)
     previous = image_value(IMAGE, "{{.Id}}")

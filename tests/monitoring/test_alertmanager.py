@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import shutil
 import subprocess
 import threading
 import time
@@ -14,21 +12,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import required
 import yaml
 from local_prometheus import free_port
 from render import render
 
 pytestmark = pytest.mark.promtool
 TEMPLATE = "etc/prometheus/alertmanager.yml.j2"
-
-
-def binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required in CI (apt-get install prometheus-alertmanager)")
-        pytest.skip(f"{name} not installed")
-    return path
+INSTALL = "apt-get install prometheus-alertmanager"
 
 
 class Receiver(http.server.ThreadingHTTPServer):
@@ -50,7 +41,8 @@ class Receiver(http.server.ThreadingHTTPServer):
 
 
 def check(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([binary("amtool"), "check-config", str(path)], capture_output=True, text=True, timeout=60)
+    return subprocess.run([required.binary("amtool", INSTALL), "check-config", str(path)], capture_output=True,
+                          text=True, timeout=60)
 
 
 def test_config_with_chat_and_email_passes_amtool(tmp_path: Path):
@@ -89,7 +81,7 @@ def test_a_dead_node_pages_once(tmp_path: Path):
     })
     port = free_port()
     process = subprocess.Popen(
-        [binary("prometheus-alertmanager"), f"--config.file={tmp_path / 'am.yml'}",
+        [required.binary("prometheus-alertmanager", INSTALL), f"--config.file={tmp_path / 'am.yml'}",
          f"--storage.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/api/v2"
