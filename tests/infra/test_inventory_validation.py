@@ -171,6 +171,22 @@ def test_booleans_must_be_real(value):
     assert error.endswith("(on head)")
 
 
+@pytest.mark.parametrize(("value", "meant"), [("true", "true"), ("False", "false"), (" yes", "true"),
+                                            ("off", "false")])
+def test_a_boolean_word_in_a_string_gets_the_json_form(value, meant):
+    groups, hostvars = cluster(head={"rayrack_ray_auth_token_enabled": value})
+    (error,) = errors(groups, hostvars)
+    assert error.endswith(f"""or pass -e '{{"rayrack_ray_auth_token_enabled": {meant}}}' (on head)"""), error
+
+
+@pytest.mark.parametrize(("name", "value"), [("rayrack_ray_auth_token_enabled", "maybe"),
+                                             ("rayrack_ray_auth_token_enabled", 1), ("rayrack_ray_gcs_port", "true")])
+def test_no_boolean_hint_where_no_boolean_was_meant(name, value):
+    groups, hostvars = cluster(head={name: value})
+    (error,) = errors(groups, hostvars)
+    assert "-e" not in error, error
+
+
 def test_unknown_variable_with_suggestion():
     groups, hostvars = cluster(worker1={"rayrack_ray_verison": "2.60.0"})
     assert errors(groups, hostvars) == [
@@ -236,18 +252,20 @@ def write_inventory(tmp_path: Path, heads: dict, workers: dict, group_vars: dict
     return path
 
 
-def run_playbook(inventory: Path, playbook: str = "site.yml") -> tuple[int, dict]:
+def run_playbook(inventory: Path, playbook: str = "site.yml", *options: str) -> tuple[int, dict]:
     env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
                ANSIBLE_CACHE_PLUGIN_CONNECTION=str(inventory.parent / ".facts"))
     ansible_playbook = Path(sys.executable).parent / "ansible-playbook"
-    result = subprocess.run([str(ansible_playbook), "-i", str(inventory), playbook], cwd=REPO, env=env,
+    result = subprocess.run([str(ansible_playbook), "-i", str(inventory), playbook, *options], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     return result.returncode, json.loads(result.stdout)
 
 
 def failure_message(report: dict) -> str:
-    return "\n".join(str(task["hosts"]["localhost"].get("msg", "")) for play in report["plays"]
-                     for task in play["tasks"] if task["hosts"].get("localhost", {}).get("failed"))
+    """The failed tasks' messages, one line each (the validate play's message is a list of lines)."""
+    msgs = [task["hosts"]["localhost"].get("msg", "") for play in report["plays"] for task in play["tasks"]
+            if task["hosts"].get("localhost", {}).get("failed")]
+    return "\n".join(line for msg in msgs for line in (msg if isinstance(msg, list) else [str(msg)]))
 
 
 GOOD_NODE = {"ray_node_ip": "10.0.0.10"}
@@ -274,6 +292,18 @@ def test_validate_play_passes_a_good_inventory(tmp_path):
                               "playbooks/validate.yml")
     assert rc == 0, failure_message(report)
     assert set(report["stats"]) == {"localhost"}
+
+
+def test_a_boolean_from_e_key_value_is_refused_showing_the_form_that_works(tmp_path):
+    inventory = write_inventory(tmp_path, {"head": GOOD_NODE}, {"worker1": {"ray_node_ip": "10.0.0.11"}})
+    rc, report = run_playbook(inventory, "playbooks/validate.yml", "-e", "ray_agent_dcgm_compat=true")
+    assert rc != 0
+    assert ("ray_agent_dcgm_compat: must be a boolean (true/false, unquoted), got the string 'true'; "
+            "-e NAME=VALUE (like a quoted value) gives a string: write it unquoted in the inventory, "
+            """or pass -e '{"ray_agent_dcgm_compat": true}' (on head, worker1)""") in failure_message(report)
+    assert set(report["stats"]) == {"localhost"}
+    rc, report = run_playbook(inventory, "playbooks/validate.yml", "-e", '{"ray_agent_dcgm_compat": true}')
+    assert rc == 0, failure_message(report)
 
 
 def test_shipped_example_inventory_is_valid(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import ipaddress
+import json
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -88,6 +89,8 @@ USER_UIDS = range(1000, 60000)
 MIN_USER_TOKEN_CHARS = 32
 TYPE_NAMES = {"bool": "a boolean (true/false, unquoted)", "int": "an integer", "str": "a string",
               "path": "a path string", "list": "a list", "dict": "a mapping", "raw": "any value"}
+# A boolean written as a string: what `-e NAME=true` passes (Ansible reads key=value extra vars as strings).
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 # Tokens given by the inventory (e.g. from Ansible Vault), held to the rule of users' tokens. Never printed.
 TOKEN_VARIABLES = frozenset({"rayrack_ray_token"})
@@ -285,6 +288,15 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+def _boolean_hint(name: str, value: Any, spec: Mapping[str, Any]) -> str:
+    """For a boolean given as a word: the forms that pass a real boolean."""
+    if spec.get("type") != "bool" or not isinstance(value, str) or value.strip().lower() not in BOOLEAN_WORDS:
+        return ""
+    meant = json.dumps({name: BOOLEAN_WORDS[value.strip().lower()]})
+    return (f"; -e NAME=VALUE (like a quoted value) gives a string: write it unquoted in the inventory, "
+            f"or pass -e '{meant}'")
+
+
 def check_value(name: str, value: Any, spec: Mapping[str, Any]) -> str | None:
     """One variable against its spec; None when it is fine."""
     if not _type_ok(value, spec):
@@ -293,7 +305,7 @@ def check_value(name: str, value: Any, spec: Mapping[str, Any]) -> str | None:
             wanted = f"a list of {TYPE_NAMES.get(spec.get('elements', 'raw'), 'values')}"
         # A secret's value never reaches the output, even a mistyped one.
         got = type(value).__name__ if spec.get("no_log") else _describe(value)
-        return f"{name}: must be {wanted}, got {got}"
+        return f"{name}: must be {wanted}, got {got}{_boolean_hint(name, value, spec)}"
     if name in TOKEN_VARIABLES:
         return None if token_ok(value) else _token_rule(name)
     if name in PASSWORD_VARIABLES and value != "":
