@@ -94,7 +94,7 @@ class RayStateClient(RayApi):
         path = "/api/jobs/"
         rows = self.get(path)
         if not isinstance(rows, list):
-            raise RayApiError(f"{self.where('GET', path)}: expected a list of jobs")
+            raise RayApiError("expected a list of jobs", self.where("GET", path))
         jobs = []
         for row in rows:
             if not isinstance(row, dict):
@@ -120,7 +120,7 @@ class RayStateClient(RayApi):
         body = self.get(path)
         rows = body.get("jobs") if isinstance(body, dict) else None
         if not isinstance(rows, list):
-            raise RayApiError(self.where("GET", path) + ': expected {"jobs": [...]}')
+            raise RayApiError('expected {"jobs": [...]}', self.where("GET", path))
         return [
             JobInfo(
                 job_id=str(row.get("job_id") or ""),
@@ -138,7 +138,7 @@ class RayStateClient(RayApi):
         path = f"/api/jobs/{quote(submission_id, safe='')}/stop"
         answer = self.json("POST", path)
         if not isinstance(answer, dict) or not isinstance(answer.get("stopped"), bool):
-            raise RayApiError(self.where("POST", path) + ': expected {"stopped": true|false}')
+            raise RayApiError('expected {"stopped": true|false}', self.where("POST", path))
         return answer["stopped"]
 
     def list(self, resource: str, filters: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
@@ -154,12 +154,12 @@ class RayStateClient(RayApi):
         where = self.where("GET", path)
         try:
             if body["result"] is not True:
-                raise RayApiError(f"{where}: {body.get('msg') or 'request failed'}")
+                raise RayApiError(body.get("msg") or "request failed", where)
             rows = body["data"]["result"]["result"]
         except (KeyError, TypeError):
-            raise RayApiError(f"{where}: unexpected response shape") from None
+            raise RayApiError("unexpected response shape", where) from None
         if not isinstance(rows, list):
-            raise RayApiError(f"{where}: unexpected response shape")
+            raise RayApiError("unexpected response shape", where)
         return rows
 
     def node_id(self, node_ip: str) -> str | None:

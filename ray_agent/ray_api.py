@@ -28,15 +28,17 @@ _ERROR_MESSAGE_CHARS = 200
 
 
 class RayApiError(Exception):
-    """A call that failed, or a file the client needs that cannot be used; the message says which and why.
+    """A call that failed, or a file the client needs that cannot be used.
 
-    `cause` is the message without the call it names; `status` the HTTP status of an error answer, else None.
+    `cause` says why; `call` names the call ("GET <url>"), empty for a file the client could not use; `status` is
+    the HTTP status of an error answer, else None.
     """
 
-    def __init__(self, message: str, status: int | None = None, cause: str = "") -> None:
-        super().__init__(message)
+    def __init__(self, cause: str, call: str = "", status: int | None = None) -> None:
+        super().__init__(f"{call}: {cause}" if call else cause)
+        self.cause = cause
+        self.call = call
         self.status = status
-        self.cause = cause or message
 
 
 def read_token(token_file: Path) -> str:
@@ -52,6 +54,9 @@ def read_token(token_file: Path) -> str:
 
 def _ray_message(err: urllib.error.HTTPError) -> str:
     """What Ray (or the gateway) said about the error: a JSON answer's msg/message/error, else the text."""
+    content_type = err.headers.get("Content-Type", "") if err.headers is not None else ""
+    if "html" in content_type:
+        return ""  # an error page (a proxy's, a plain web server's) says no more than the status
     try:
         raw = err.read(_ERROR_BODY_BYTES).decode("utf-8", errors="replace")
     except (OSError, ValueError):
@@ -158,11 +163,10 @@ class RayApi:
             if token and token in said:
                 said = said.replace(token, "<token>")
             cause = f"HTTP {err.code}{hint}" + (f": {said}" if said else "")
-            raise RayApiError(f"{where}: {cause}", err.code, cause) from None
+            raise RayApiError(cause, where, err.code) from None
         except (urllib.error.URLError, OSError, ValueError) as err:
             # ValueError: what http.client raises for a malformed answer or URL.
-            cause = _cause(err, self.timeout)
-            raise RayApiError(f"{where}: {cause}", None, cause) from None
+            raise RayApiError(_cause(err, self.timeout), where) from None
 
     def json(self, method: str, path: str, body: Any = None) -> Any:
         """`method path` -> the decoded JSON answer."""
@@ -170,7 +174,7 @@ class RayApi:
         try:
             return json.loads(raw)
         except ValueError as err:
-            raise RayApiError(f"{self.where(method, path)}: response is not JSON: {err}") from None
+            raise RayApiError(f"response is not JSON: {err}", self.where(method, path)) from None
 
     def get(self, path: str) -> Any:
         return self.json("GET", path)
