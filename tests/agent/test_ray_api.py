@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from agent.support import LocalServer, QuietHandler, free_port, tls_server_context, write_token
 from ray_agent.ray_api import LIST_LIMIT, RayApi, RayApiError, read_token
 
 TOKEN = "cluster-token-0123456789abcdef"
 
 
-class FakeRay:
-    """Answers by path: /ok (JSON, needs the token), /echo (the request back), /error/<code>, /text, /slow."""
+class FakeRay(LocalServer):
+    """Answers by path: /ok (JSON, needs the token), /error/<code>, /plain-error, /echo-token, /text, /slow."""
 
     def __init__(self, token: str = TOKEN, tls: ssl.SSLContext | None = None) -> None:
         self.token = token
@@ -29,10 +27,7 @@ class FakeRay:
         self.release = threading.Event()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 self.answer()
 
@@ -53,12 +48,12 @@ class FakeRay:
                 )
                 if self.path == "/slow":
                     outer.release.wait(10)
-                    return self.reply(200, b"{}")
+                    return self.reply(200, {})
                 if self.path == "/text":
                     return self.reply(200, b"not json at all", "text/plain")
                 if self.path.startswith("/error/"):
                     code = int(self.path.split("?")[0].split("/")[2])
-                    return self.reply(code, json.dumps({"result": False, "msg": "Ray says no"}).encode())
+                    return self.reply(code, {"result": False, "msg": "Ray says no"})
                 if self.path == "/plain-error":
                     return self.reply(404, b"Job raysubmit_x does not exist\n", "text/plain")
                 if self.path == "/echo-token":
@@ -66,29 +61,13 @@ class FakeRay:
                     return self.reply(400, f"bad header {self.headers.get('Authorization')}".encode(), "text/plain")
                 if self.headers.get("Authorization") != f"Bearer {outer.token}":
                     return self.reply(401, b"Unauthorized", "text/plain")
-                return self.reply(200, json.dumps({"path": self.path, "body": body}).encode())
+                return self.reply(200, {"path": self.path, "body": body})
 
-            def reply(self, status: int, data: bytes, content_type: str = "application/json") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        scheme = "http"
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-            scheme = "https"
-        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        super().__init__(Handler, tls)
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 @pytest.fixture
@@ -100,9 +79,7 @@ def ray() -> Iterator[FakeRay]:
 
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "auth_token"
-    path.write_text(TOKEN + "\n")
-    return path
+    return write_token(tmp_path / "auth_token", TOKEN)
 
 
 def error_of(client: RayApi, method: str, path: str) -> RayApiError:
@@ -166,9 +143,7 @@ def test_a_slow_answer_times_out(ray: FakeRay, token_file: Path) -> None:
 
 
 def test_nothing_listening_is_a_refused_connection(token_file: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     err = error_of(RayApi(f"http://127.0.0.1:{port}", token_file, timeout=2.0), "GET", "/ok")
     assert str(err) == f"GET http://127.0.0.1:{port}/ok: connection refused"
 
@@ -184,9 +159,7 @@ def test_token_file_problems_are_named_before_any_call(ray: FakeRay, tmp_path: P
 
 
 def test_tls_is_verified_against_the_ca_file(pki: Path, token_file: Path, tmp_path: Path) -> None:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki / "server.crt", pki / "server.key")
-    server = FakeRay(tls=context)
+    server = FakeRay(tls=tls_server_context(pki))
     try:
         assert RayApi(server.url, token_file, 2.0, pki / "ca.crt").get("/ok") == {"path": "/ok", "body": ""}
         other = tmp_path / "other.crt"

@@ -4,15 +4,13 @@ HTTP server standing in for the agent's /metrics and the head's Ray APIs on 127.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from agent.support import LocalServer, QuietHandler, free_port
 
 from rayrack.remote import MARKER
 from rayrack.status import NODE_PROBE
@@ -26,10 +24,7 @@ NODES = {"result": True, "msg": "", "data": {"result": {"result": [{"node_ip": "
 def node() -> Iterator[tuple[str, list[str]]]:
     paths: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             paths.append(self.path)
             if self.path == "/metrics":
@@ -38,21 +33,11 @@ def node() -> Iterator[tuple[str, list[str]]]:
                 return self.reply(401, b"Unauthorized", "text/plain")
             answers = {"/api/version": {"ray_version": "2.58.1"}, "/api/jobs/": [{"status": "RUNNING"}]}
             body = NODES if self.path.startswith("/api/v0/nodes?") else answers.get(self.path)
-            self.reply(200 if body is not None else 404, json.dumps(body).encode(), "application/json")
+            self.reply(200 if body is not None else 404, body)
 
-        def reply(self, status: int, data: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield str(server.server_address[1]), paths
-    server.shutdown()
-    server.server_close()
+    server = LocalServer(Handler)
+    yield server.url.rsplit(":", 1)[1], paths
+    server.close()
 
 
 def probe(tmp_path: Path, agent_port: str, api: str, token: str) -> dict:
@@ -75,9 +60,7 @@ def test_the_head_probe_reads_metrics_and_rays_apis_with_the_token(node, tmp_pat
 
 def test_the_probe_names_each_failed_call_and_never_the_token(node, tmp_path: Path) -> None:
     port, _ = node
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        closed = str(unused.getsockname()[1])
+    closed = str(free_port())
     out = probe(tmp_path, closed, f"http://127.0.0.1:{port}", "a-wrong-token")
     assert out["metrics_error"] == f"GET http://127.0.0.1:{closed}/metrics: connection refused"
     assert out["version_error"] == (f"GET http://127.0.0.1:{port}/api/version: HTTP 401 (is the token right?): "
