@@ -12,6 +12,7 @@ nodes and runs it with their system python3.
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import ssl
@@ -157,15 +158,16 @@ class RayApi:
                 return response.status, response.read()
         except urllib.error.HTTPError as err:
             hint = ""
-            if err.code in (401, 403):
+            # A named client's secret URL is its own credential (a webhook's): no token is missing there.
+            if err.code in (401, 403) and (token or not self.name):
                 hint = " (is the token right?)" if token else " (no token was sent)"
             said = _ray_message(err)
             if token and token in said:
                 said = said.replace(token, "<token>")
             cause = f"HTTP {err.code}{hint}" + (f": {said}" if said else "")
             raise RayApiError(cause, where, err.code) from None
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            # ValueError: what http.client raises for a malformed answer or URL.
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
+            # ValueError: a malformed URL; HTTPException: an answer cut short or not HTTP.
             raise RayApiError(_cause(err, self.timeout), where) from None
 
     def json(self, method: str, path: str, body: Any = None) -> Any:

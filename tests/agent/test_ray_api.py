@@ -19,7 +19,8 @@ TOKEN = "cluster-token-0123456789abcdef"
 
 
 class FakeRay(LocalServer):
-    """Answers by path: /ok (JSON, needs the token), /error/<code>, /plain-error, /echo-token, /text, /slow."""
+    """Answers by path: /ok (JSON, needs the token), /error/<code>, /plain-error, /echo-token, /short, /text,
+    /slow."""
 
     def __init__(self, token: str = TOKEN, tls: ssl.SSLContext | None = None) -> None:
         self.token = token
@@ -49,6 +50,14 @@ class FakeRay(LocalServer):
                 if self.path == "/slow":
                     outer.release.wait(10)
                     return self.reply(200, {})
+                if self.path == "/short":
+                    # Promises more than it sends, then hangs up.
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    self.close_connection = True
+                    return None
                 if self.path == "/text":
                     return self.reply(200, b"not json at all", "text/plain")
                 if self.path.startswith("/error/"):
@@ -135,6 +144,11 @@ def test_an_answer_that_is_not_json(ray: FakeRay, token_file: Path) -> None:
     assert str(err).startswith(f"GET {ray.url}/text: response is not JSON: ")
 
 
+def test_an_answer_cut_short(ray: FakeRay, token_file: Path) -> None:
+    err = error_of(RayApi(ray.url, token_file, timeout=2.0), "GET", "/short")
+    assert str(err) == f"GET {ray.url}/short: IncompleteRead(2 bytes read, 98 more expected)"
+
+
 def test_a_slow_answer_times_out(ray: FakeRay, token_file: Path) -> None:
     started = time.monotonic()
     err = error_of(RayApi(ray.url, token_file, timeout=0.3), "GET", "/slow")
@@ -180,6 +194,11 @@ def test_a_named_client_keeps_a_secret_url_out_of_its_errors(ray: FakeRay) -> No
     assert str(caught.value) == "POST webhook: HTTP 404: Ray says no"
     # The URL is used as given, trailing parts and all.
     assert ray.seen[-1]["path"] == "/error/404/T0KEN-IN-THE-PATH"
+    # Its URL is its credential: a refusal does not talk of a token.
+    with pytest.raises(RayApiError) as caught:
+        RayApi(f"{ray.url}/error/403/", timeout=2.0, name="webhook").call("POST", "", {"text": "hi"})
+    assert str(caught.value) == "POST webhook: HTTP 403: Ray says no"
+    assert ray.seen[-1]["path"] == "/error/403/"
 
 
 def test_an_html_error_page_adds_nothing_to_the_status(token_file: Path, tmp_path: Path) -> None:
