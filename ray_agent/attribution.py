@@ -14,9 +14,9 @@
 * Actor and task names come from the dashboard's state API where it is reachable (the head, or every node
   when the dashboard listens on the cluster network).
 
-Everything remote is fetched over plain HTTP(S) (importing ray would cost more memory than the whole agent)
-in a background thread every `ttl` and kept in dicts that lookups only read, so a slow or absent Ray or
-gateway never delays a collection.
+Everything remote is fetched over plain HTTP(S) with ray_agent.ray_api (importing ray would cost more memory
+than the whole agent) in a background thread every `ttl` and kept in dicts that lookups only read, so a slow or
+absent Ray or gateway never delays a collection.
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ import json
 import logging
 import os
 import pwd
-import ssl
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,12 +36,11 @@ from urllib.parse import quote, urlencode
 
 from ray_agent.clock import Clock, SystemClock
 from ray_agent.config import AttributionConfig
+from ray_agent.ray_api import LIST_LIMIT, RayApi, RayApiError
 from ray_agent.users import UNKNOWN_OWNER, job_owner
 
 log = logging.getLogger(__name__)
 
-# Ray caps list results at RAY_MAX_LIMIT_FROM_API_SERVER (10000 by default).
-_LIST_LIMIT = 10_000
 # A mapping is dropped when this many refresh intervals pass without a successful refresh.
 _STALE_AFTER_TTLS = 3
 # How many parents up a GPU process may be from the Ray worker that started it.
@@ -90,83 +86,15 @@ class RefreshStatus:
     error: str = ""
 
 
-class RayStateError(Exception):
-    pass
-
-
-def read_token(token_file: Path | None) -> str | None:
-    """The cluster token for `Authorization: Bearer`, read on every use so that a rotated token is picked up."""
-    if token_file is None:
-        return None
-    try:
-        token = token_file.read_text(encoding="utf-8").strip()
-    except OSError as err:
-        raise RayStateError(f"cannot read token file {token_file}: {err.strerror}") from None
-    if not token:
-        raise RayStateError(f"token file {token_file} is empty")
-    return token
-
-
-class RayStateClient:
-    """The agent's one HTTP client for Ray's dashboard and rayrack-gateway: urllib, the cluster token as
-    `Authorization: Bearer`, a timeout on every call, TLS verified against `ca_file` for https URLs, and every
-    failure raised as RayStateError with a short reason (never the token)."""
-
-    def __init__(
-        self, dashboard_url: str, token_file: Path | None, timeout: float, ca_file: Path | None = None
-    ) -> None:
-        self.dashboard_url = dashboard_url.rstrip("/")
-        self.token_file = token_file
-        self.timeout = timeout
-        self.ca_file = ca_file
-        self._context: ssl.SSLContext | None = None
-        self._context_stamp = 0
-
-    def _token(self) -> str | None:
-        return read_token(self.token_file)
-
-    def _tls(self) -> ssl.SSLContext | None:
-        if not self.dashboard_url.startswith("https:"):
-            return None
-        # Loaded again when the CA file changes (a renewed cluster CA), without restarting the agent.
-        try:
-            stamp = self.ca_file.stat().st_mtime_ns if self.ca_file is not None else 0
-        except OSError as err:
-            raise RayStateError(f"cannot read CA file {self.ca_file}: {err.strerror}") from None
-        if self._context is None or stamp != self._context_stamp:
-            try:
-                self._context = ssl.create_default_context(
-                    cafile=str(self.ca_file) if self.ca_file is not None else None
-                )
-            except (OSError, ssl.SSLError) as err:
-                raise RayStateError(f"cannot load CA file {self.ca_file}: {err}") from None
-            self._context_stamp = stamp
-        return self._context
-
-    def request(self, method: str, path: str, what: str | None = None) -> Any:
-        """`method path` on the base URL -> the decoded JSON answer."""
-        what = what or f"{method} {path.split('?', 1)[0]}"
-        request = urllib.request.Request(f"{self.dashboard_url}{path}", method=method)
-        token = self._token()
-        if token is not None:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout, context=self._tls()) as response:
-                return json.load(response)
-        except urllib.error.HTTPError as err:
-            hint = " (is the token right?)" if err.code in (401, 403) else ""
-            raise RayStateError(f"{what}: HTTP {err.code}{hint}") from None
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise RayStateError(f"{what}: {reason}") from None
-        except ValueError as err:
-            raise RayStateError(f"{what}: response is not JSON: {err}") from None
+class RayStateClient(RayApi):
+    """Ray's Jobs and state APIs and rayrack-gateway's job list, through the one Ray HTTP client."""
 
     def list_jobs(self) -> list[JobInfo]:
         """The dashboard's Jobs API list, `GET /api/jobs/`."""
-        rows = self.request("GET", "/api/jobs/")
+        path = "/api/jobs/"
+        rows = self.get(path)
         if not isinstance(rows, list):
-            raise RayStateError("GET /api/jobs/: expected a list of jobs")
+            raise RayApiError("expected a list of jobs", self.where("GET", path))
         jobs = []
         for row in rows:
             if not isinstance(row, dict):
@@ -188,10 +116,11 @@ class RayStateClient:
 
     def gateway_jobs(self) -> list[JobInfo]:
         """rayrack-gateway's read-only list with each job's owner, `GET /api/rayrack/jobs`."""
-        body = self.request("GET", "/api/rayrack/jobs")
+        path = "/api/rayrack/jobs"
+        body = self.get(path)
         rows = body.get("jobs") if isinstance(body, dict) else None
         if not isinstance(rows, list):
-            raise RayStateError('GET /api/rayrack/jobs: expected {"jobs": [...]}')
+            raise RayApiError('expected {"jobs": [...]}', self.where("GET", path))
         return [
             JobInfo(
                 job_id=str(row.get("job_id") or ""),
@@ -206,28 +135,31 @@ class RayStateClient:
 
     def stop_job(self, submission_id: str) -> bool:
         """True when Ray stopped a running job, False when it was no longer running."""
-        answer = self.request("POST", f"/api/jobs/{quote(submission_id, safe='')}/stop", "POST stop")
+        path = f"/api/jobs/{quote(submission_id, safe='')}/stop"
+        answer = self.json("POST", path)
         if not isinstance(answer, dict) or not isinstance(answer.get("stopped"), bool):
-            raise RayStateError('POST stop: expected {"stopped": true|false}')
+            raise RayApiError('expected {"stopped": true|false}', self.where("POST", path))
         return answer["stopped"]
 
     def list(self, resource: str, filters: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
         """GET /api/v0/<resource> with `key=value` filters; returns the rows."""
         query: list[tuple[str, str]] = [
-            ("limit", str(_LIST_LIMIT)),
+            ("limit", str(LIST_LIMIT)),
             ("timeout", str(max(1, int(self.timeout)))),
         ]
         for key, predicate, value in filters:
             query += [("filter_keys", key), ("filter_predicates", predicate), ("filter_values", value)]
-        body = self.request("GET", f"/api/v0/{resource}?{urlencode(query)}", resource)
+        path = f"/api/v0/{resource}?{urlencode(query)}"
+        body = self.get(path)
+        where = self.where("GET", path)
         try:
             if body["result"] is not True:
-                raise RayStateError(f"{resource}: {body.get('msg') or 'request failed'}")
+                raise RayApiError(body.get("msg") or "request failed", where)
             rows = body["data"]["result"]["result"]
         except (KeyError, TypeError):
-            raise RayStateError(f"{resource}: unexpected response shape") from None
+            raise RayApiError("unexpected response shape", where) from None
         if not isinstance(rows, list):
-            raise RayStateError(f"{resource}: unexpected response shape")
+            raise RayApiError("unexpected response shape", where)
         return rows
 
     def node_id(self, node_ip: str) -> str | None:
@@ -396,12 +328,12 @@ class Attribution:
         errors = []
         try:
             self._refresh_jobs()
-        except RayStateError as err:
+        except RayApiError as err:
             errors.append(str(err))
         if self.config.state_api:
             try:
                 self._refresh_state()
-            except RayStateError as err:
+            except RayApiError as err:
                 errors.append(str(err))
         error = "; ".join(errors)
         status = RefreshStatus(not errors, self._clock.monotonic() - started, error)
@@ -433,11 +365,11 @@ class Attribution:
     def _refresh_state(self) -> None:
         try:
             if not self.node_ip:
-                raise RayStateError("this node's IP is unknown; set attribution.node_ip")
+                raise RayApiError("this node's IP is unknown; set attribution.node_ip")
             if self._node_id is None:
                 self._node_id = self._client.node_id(self.node_ip)
             identities = {} if self._node_id is None else self._client.identities(self._node_id)
-        except RayStateError:
+        except RayApiError:
             # The node id may have changed with a Ray restart; look it up again next time.
             self._node_id = None
             raise

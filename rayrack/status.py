@@ -12,14 +12,16 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ray_agent import ray_api
 from rayrack.inventory import Host, Inventory
 from rayrack.progress import format_duration
 from rayrack.remote import run_python
 
 # Runs on every node with its system python3, as the SSH user (no sudo): the unit, the Ray venv's marker,
 # the agent's /metrics and, on the head, Ray's view (the token arrives on stdin, never on a command line).
-NODE_PROBE = r"""
-import json, subprocess, sys, urllib.request
+# It goes with the Ray HTTP client's source, so the node needs no package of ours.
+NODE_PROBE = ray_api.source() + r"""
+import json, subprocess, sys
 unit, venv, address, agent_port, api = sys.argv[1:6]
 out = {"active": subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True).stdout.strip()}
 try:
@@ -27,17 +29,15 @@ try:
 except OSError:
     out["wheelhouse"] = None
 try:
-    out["metrics"] = urllib.request.urlopen(f"http://{address}:{agent_port}/metrics", timeout=5).read().decode()
+    out["metrics"] = RayApi(f"http://{address}:{agent_port}", timeout=5).text("/metrics")
 except Exception as exc:
     out["metrics_error"] = str(exc)
 if api:
-    token = sys.stdin.read().strip()
-    headers = {"Authorization": "Bearer " + token} if token else {}
-    for key, path in [("version", "/api/version"), ("nodes", "/api/v0/nodes?limit=10000&detail=true"),
+    head = RayApi(api, timeout=10, token=sys.stdin.read().strip() or None)
+    for key, path in [("version", "/api/version"), ("nodes", f"/api/v0/nodes?limit={LIST_LIMIT}&detail=true"),
                       ("jobs", "/api/jobs/")]:
         try:
-            req = urllib.request.Request(api + path, headers=headers)
-            out[key] = json.load(urllib.request.urlopen(req, timeout=10))
+            out[key] = head.get(path)
         except Exception as exc:
             out[key + "_error"] = str(exc)
 print("RAYRACK-PROBE " + json.dumps(out))

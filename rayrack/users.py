@@ -7,17 +7,14 @@ rotate. Both commands change files only; the caller converges playbooks/gateway.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import ssl
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ray_agent.ray_api import RayApi, RayApiError
 from rayrack.inventory import Inventory
 
 TOKEN_BYTES = 32  # 64 hex characters, as the playbook generates them
@@ -90,25 +87,17 @@ def gateway_url(inv: Inventory) -> str:
 
 def whoami(url: str, token_file: Path, ca_file: Path, timeout: float = 10) -> dict[str, Any]:
     """GET <url>/api/rayrack/whoami with the token of TOKEN_FILE, the gateway verified against CA_FILE."""
+    gateway = RayApi(url, token_file, timeout, ca_file)
     try:
-        token = token_file.read_text().strip()
-    except OSError as exc:
-        raise UserError(f"cannot read the token file {token_file}: {exc.strerror}") from None
-    try:
-        context = ssl.create_default_context(cafile=str(ca_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise UserError(f"cannot use the CA certificate {ca_file}: {exc}") from None
-    request = urllib.request.Request(f"{url}/api/rayrack/whoami", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
+        return gateway.get("/api/rayrack/whoami")
+    except RayApiError as exc:
+        if exc.status == 401:
             raise UserError("this token belongs to no user") from None
-        raise UserError(f"{url} answered {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UserError(f"cannot reach the gateway at {url}: {reason}") from None
+        if not exc.call:  # the token or CA file
+            raise UserError(str(exc)) from None
+        if exc.status is not None:
+            raise UserError(f"{url} answered {exc.cause}") from None
+        raise UserError(f"cannot reach the gateway at {url}: {exc.cause}") from None
 
 
 def describe(identity: Mapping[str, Any]) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 from ray_agent import __version__
 from ray_agent.config import ConfigError
 from ray_agent.gateway.config import GatewayConfig, load_config
-from ray_agent.gateway.users import SecretError, load_users, read_token
+from ray_agent.gateway.users import SecretError, load_users
+from ray_agent.ray_api import RayApiError, read_token
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -83,12 +84,11 @@ def run(config: GatewayConfig) -> int:
 
     try:
         users = load_users(config.users_file)
-        token = (
-            read_token(config.upstream_token_file, "upstream_token_file")
-            if config.upstream_token_file is not None
-            else None
-        )
+        token = read_token(config.upstream_token_file) if config.upstream_token_file is not None else None
         context = tls_context(config)
+    except RayApiError as err:
+        print(f"rayrack-gateway: upstream_token_file: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     except SecretError as err:
         print(f"rayrack-gateway: {err}", file=sys.stderr)
         return EXIT_FAILURE

@@ -103,13 +103,3 @@ def load_users(path: Path) -> Users:
     except ValueError as err:
         raise SecretError(f"users_file {path}: not valid JSON: {err}") from None
     return parse_users(document, f"users_file {path}")
-
-
-def read_token(path: Path, key: str) -> str:
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError as err:
-        raise SecretError(f"{key} {path}: cannot read: {err.strerror}") from None
-    if not token:
-        raise SecretError(f"{key} {path}: the file is empty")
-    return token

@@ -6,26 +6,24 @@ has a timeout. Dry-run (the default) evaluates everything up to the last step an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray_agent.attribution import JobInfo, RayStateClient, RayStateError
+from ray_agent.attribution import JobInfo, RayStateClient
 from ray_agent.config import GuardConfig
 from ray_agent.guard import notice
 from ray_agent.guard.audit import DONE, DRY_RUN, FAILED, SKIPPED, rfc3339
 from ray_agent.guard.policy import JOB_ACTIVE, Policy, ProcessName, process_name
 from ray_agent.guard.tracker import STAGES, Escalation, Holder
+from ray_agent.ray_api import RayApi, RayApiError
 from ray_agent.users import Contact, User
 
 log = logging.getLogger(__name__)
@@ -86,27 +84,19 @@ class Webhook:
 
     def send(self, payload: Mapping[str, Any]) -> str:
         """Deliver or raise ActionError after the last attempt; returns a short description of the delivery."""
-        url = self.url()
-        body = json.dumps(payload).encode()
+        client = RayApi(self.url(), timeout=self.timeout, name="webhook")
         last = ""
         for attempt in range(self.retries + 1):
             if attempt and self._stop.wait(self.backoff * 2 ** (attempt - 1)):
                 raise ActionError(f"agent stopping; gave up after {attempt} attempt(s): {last}")
-            request = urllib.request.Request(
-                url, data=body, method="POST", headers={"Content-Type": "application/json"}
-            )
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    response.read()
-                    return f"delivered (HTTP {response.status}, attempt {attempt + 1})"
-            except urllib.error.HTTPError as err:
-                last = f"HTTP {err.code}"
+                status, _ = client.call("POST", "", payload)
+                return f"delivered (HTTP {status}, attempt {attempt + 1})"
+            except RayApiError as err:
+                last = err.cause
                 self._on_failed_attempt()
-                if err.code != 429 and err.code < 500:
+                if err.status is not None and err.status != 429 and err.status < 500:
                     raise ActionError(f"webhook refused the message: {last}") from None
-            except (urllib.error.URLError, OSError) as err:
-                last = str(getattr(err, "reason", err))
-                self._on_failed_attempt()
         raise ActionError(f"webhook failed after {self.retries + 1} attempt(s): {last}")
 
 
@@ -231,7 +221,7 @@ class ActionRunner:
             return self._jobs_cache[1], ""
         try:
             jobs = {j.job_id: j for j in self.jobs_client.list_jobs() if j.job_id}
-        except RayStateError as err:
+        except RayApiError as err:
             log.warning("idle guard: Ray Jobs API unavailable: %s", err)
             return {}, str(err)
         self._jobs_cache = (now, jobs)
@@ -439,7 +429,7 @@ class ActionRunner:
                 else:
                     result = (SKIPPED, f"submission {job.submission_id} was no longer running")
                 self._jobs_cache = None  # the job's status changed
-            except RayStateError as err:
+            except RayApiError as err:
                 result = (FAILED, str(err))
             stopped[job.submission_id] = result
         return stopped[job.submission_id]

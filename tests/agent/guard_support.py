@@ -12,12 +12,11 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from agent.support import PROC_FIXTURE, SCENARIOS
+from agent.support import PROC_FIXTURE, SCENARIOS, LocalServer, QuietHandler
 from ray_agent.attribution import Attribution
 from ray_agent.clock import FakeClock
 from ray_agent.config import AttributionConfig, CollectionConfig, GuardConfig, GuardStages
@@ -101,19 +100,7 @@ def attribution_for(head: RayHead, token_file: Path, clock: FakeClock, proc_path
     return attribution
 
 
-class _Server:
-    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-class RayHead(_Server):
+class RayHead(LocalServer):
     def __init__(self, token: str | None = TOKEN) -> None:
         self.token = token
         self.actors: list[dict[str, Any]] = []
@@ -124,18 +111,7 @@ class RayHead(_Server):
         self.lock = threading.Lock()
         head = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def reply(self, status: int, body: Any) -> None:
-                data = json.dumps(body).encode() if not isinstance(body, bytes) else body
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(QuietHandler):
             def authorised(self) -> bool:
                 if head.token and self.headers.get("Authorization") != f"Bearer {head.token}":
                     self.reply(401, b"Unauthorized")
@@ -226,7 +202,7 @@ class RayHead(_Server):
         )
 
 
-class WebhookReceiver(_Server):
+class WebhookReceiver(LocalServer):
     """Accepts JSON POSTs; the first `fail_first` answer with `fail_status`."""
 
     def __init__(self, fail_first: int = 0, fail_status: int = 503) -> None:
@@ -236,10 +212,7 @@ class WebhookReceiver(_Server):
         self.messages: list[dict[str, Any]] = []
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(length)

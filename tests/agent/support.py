@@ -1,17 +1,22 @@
-"""Test helpers: scenario paths, free ports, real agent processes, plain HTTP GETs."""
+"""Test helpers: scenario paths, free ports, real agent processes, plain HTTP GETs, local HTTP(S) servers."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from ray_agent.clock import FakeClock
 from ray_agent.config import AttributionConfig, CollectionConfig
@@ -29,6 +34,52 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class LocalServer:
+    """A real HTTP server on 127.0.0.1 in a thread; HTTPS with `tls`, a server-side context."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def write_token(path: Path, token: str) -> Path:
+    """A token file as the roles write it: the token and a newline, readable by its owner only."""
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def tls_server_context(pki: Path) -> ssl.SSLContext:
+    """A server-side context with the `pki` fixture's certificate for 127.0.0.1."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki / "server.crt", pki / "server.key")
+    return context
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that logs nothing and answers JSON (or given bytes) with `reply`."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def reply(self, status: int, body: Any, content_type: str = "application/json") -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 def http_get(url: str, timeout: float = 10.0, context: object = None) -> tuple[int, str]:

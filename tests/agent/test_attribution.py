@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,7 +19,15 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from agent.support import PROC_FIXTURE, fake_sampler, sample_value
+from agent.support import (
+    PROC_FIXTURE,
+    LocalServer,
+    QuietHandler,
+    fake_sampler,
+    sample_value,
+    tls_server_context,
+    write_token,
+)
 from ray_agent.attribution import Attribution, RayIdentity, identities_from_state
 from ray_agent.clock import FakeClock
 from ray_agent.config import AttributionConfig, ExporterConfig
@@ -123,21 +130,18 @@ JOBS = [
 ]
 
 
-class RayDashboard:
+class RayDashboard(LocalServer):
     """Serves /api/v0/{nodes,actors,tasks} with Ray's envelope and filter semantics, the Jobs API's list
     (/api/jobs/) and the gateway's (/api/rayrack/jobs); may require a token."""
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.token = token
         self.requests: list[str] = []
         self.slow_release = threading.Event()
         self.slow = False
         dashboard = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 dashboard.requests.append(self.path)
@@ -189,24 +193,11 @@ class RayDashboard:
                 }
                 self.reply(200, {"result": True, "msg": "", "data": {"result": result}})
 
-            def reply(self, status: int, body: object) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        super().__init__(Handler, tls)
 
     def close(self) -> None:
         self.slow_release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 @pytest.fixture
@@ -218,10 +209,7 @@ def dashboard() -> Iterator[RayDashboard]:
 
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "auth_token"
-    path.write_text(TOKEN + "\n")
-    path.chmod(0o600)
-    return path
+    return write_token(tmp_path / "auth_token", TOKEN)
 
 
 def attribution_for(
@@ -508,14 +496,9 @@ def test_a_submitted_jobs_driver_is_known_by_its_submission_id(
     assert offline.ray_identity(driver.pid) == RayIdentity(submission_id="alice-raysubmit_aaaa", user="alice")
 
 
-def gateway(pki: Path, token: str) -> ThreadingHTTPServer:
+def gateway(pki: Path, token: str) -> RayDashboard:
     """A TLS server with the gateway's job list route, its certificate signed by the test CA."""
-    server = RayDashboard(token=token)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki / "server.crt", pki / "server.key")
-    server.server.socket = context.wrap_socket(server.server.socket, server_side=True)
-    server.url = server.url.replace("http:", "https:")
-    return server
+    return RayDashboard(token=token, tls=tls_server_context(pki))
 
 
 def test_owners_come_from_the_gateway_over_verified_tls(

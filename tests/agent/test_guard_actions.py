@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from agent.guard_support import TOKEN, RayHead, WebhookReceiver, attribution_for, guard_config, scenario_sampler
-from agent.support import PROC_FIXTURE
+from agent.support import PROC_FIXTURE, write_token
 from ray_agent.attribution import Attribution
 from ray_agent.clock import FakeClock
 from ray_agent.config import AttributionConfig, CollectionConfig, GuardConfig
@@ -41,9 +41,7 @@ def head() -> Iterator[RayHead]:
 
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "token"
-    path.write_text(TOKEN + "\n")
-    return path
+    return write_token(tmp_path / "token", TOKEN)
 
 
 def child(ignore_sigterm: bool = False) -> subprocess.Popen:

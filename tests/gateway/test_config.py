@@ -138,3 +138,21 @@ def test_users_file_missing_or_broken(tmp_path: Path) -> None:
     broken.write_text("{")
     with pytest.raises(SecretError, match="not valid JSON"):
         load_users(broken)
+
+
+
+def test_run_refuses_an_unreadable_or_empty_cluster_token(tmp_path: Path) -> None:
+    users = tmp_path / "users.json"
+    users.write_text('{"users": []}')
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n")
+    config = tmp_path / "gw.yml"
+    absent = tmp_path / "absent.token"
+    for token_file, message in ((absent, f"cannot read token file {absent}"), (empty, f"token file {empty} is empty")):
+        # Refused before it listens: the port is never bound.
+        config.write_text(json.dumps({**GOOD, "listen_host": "127.0.0.1", "listen_port": 9, "tls_cert_file": None,
+                                      "tls_key_file": None, "users_file": str(users),
+                                      "upstream_token_file": str(token_file)}))  # fmt: skip
+        failed = _gateway("run", "--config.file", str(config))
+        assert failed.returncode == 1
+        assert f"rayrack-gateway: upstream_token_file: {message}" in failed.stderr
