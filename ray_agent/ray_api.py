@@ -152,7 +152,8 @@ class RayApi:
             request.add_header("Content-Type", "application/json")
         token = self.token()
         if token is not None:
-            request.add_header("Authorization", f"Bearer {token}")
+            # Unredirected: a redirect, to wherever it points, never carries the token along.
+            request.add_unredirected_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self._tls()) as response:
                 return response.status, response.read()

@@ -20,7 +20,7 @@ TOKEN = "cluster-token-0123456789abcdef"
 
 class FakeRay(LocalServer):
     """Answers by path: /ok (JSON, needs the token), /error/<code>, /plain-error, /echo-token, /short, /text,
-    /slow."""
+    /slow, /redirect?to=<url>."""
 
     def __init__(self, token: str = TOKEN, tls: ssl.SSLContext | None = None) -> None:
         self.token = token
@@ -57,6 +57,12 @@ class FakeRay(LocalServer):
                     self.end_headers()
                     self.wfile.write(b"{}")
                     self.close_connection = True
+                    return None
+                if self.path.startswith("/redirect?to="):
+                    self.send_response(307)
+                    self.send_header("Location", self.path.split("=", 1)[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return None
                 if self.path == "/text":
                     return self.reply(200, b"not json at all", "text/plain")
@@ -213,3 +219,11 @@ def test_an_html_error_page_adds_nothing_to_the_status(token_file: Path, tmp_pat
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_a_redirect_never_carries_the_token(ray: FakeRay, token_file: Path) -> None:
+    # Followed without the token: another server (here the same one, elsewhere) never sees it, and an API that
+    # needs it refuses the redirected call.
+    error = error_of(RayApi(ray.url, token_file=token_file), "GET", f"/redirect?to={ray.url}/ok")
+    assert error.status == 401
+    assert [seen["authorization"] for seen in ray.seen] == [f"Bearer {TOKEN}", ""]
