@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -725,14 +726,21 @@ class SnapshotCollector(Collector):
                 yield family
 
 
-class StateCollector(Collector):
-    """Each GPU's state (ray_agent.gpu_state) and idle_held time, whether or not the guard is enabled."""
+_Latest = TypeVar("_Latest")
 
-    def __init__(self, source: Callable[[], StateSnapshot]) -> None:
+
+class _LatestCollector(Collector, Generic[_Latest]):
+    """Families built from the latest immutable snapshot that `source` returns."""
+
+    def __init__(self, source: Callable[[], _Latest]) -> None:
         self._source = source
 
     def describe(self) -> list[Metric]:
         return []
+
+
+class StateCollector(_LatestCollector[StateSnapshot]):
+    """Each GPU's state (ray_agent.gpu_state) and idle_held time, whether or not the guard is enabled."""
 
     def collect(self) -> Iterator[Metric]:
         latest = self._source()
@@ -765,14 +773,8 @@ class StateCollector(Collector):
         yield from (family for family in (state, idle_run, idle) if family.samples)
 
 
-class GuardCollector(Collector):
+class GuardCollector(_LatestCollector[GuardSnapshot]):
     """The idle guard's own families, from its latest GuardSnapshot. Registered only when the guard is enabled."""
-
-    def __init__(self, source: Callable[[], GuardSnapshot]) -> None:
-        self._source = source
-
-    def describe(self) -> list[Metric]:
-        return []
 
     def collect(self) -> Iterator[Metric]:
         guard = self._source()
