@@ -27,10 +27,11 @@ from ray_agent import __version__
 from ray_agent.attribution import Attribution
 from ray_agent.clock import Clock, SystemClock
 from ray_agent.config import BACKENDS, Config, ConfigError, load_config, parse_listen_address
-from ray_agent.exporter import GuardCollector, SnapshotCollector
+from ray_agent.exporter import GuardCollector, SnapshotCollector, StateCollector
 from ray_agent.gpu.base import GpuBackend
 from ray_agent.gpu.fake import FakeBackend, ScenarioError, load_scenario
-from ray_agent.guard import Guard, describe_stages
+from ray_agent.guard import GpuStates, Guard, describe_stages
+from ray_agent.guard.tracker import Tracker
 from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler, Snapshot
 from ray_agent.server import ListenError, MetricsServer, default_route_address
@@ -120,6 +121,7 @@ class Agent:
     attribution: Attribution
     registry: CollectorRegistry
     host: str
+    states: GpuStates
     guard: Guard | None = None
 
 
@@ -151,9 +153,15 @@ def build_agent(config: Config, clock: Clock | None = None, host: str | None = N
         # The listener only updates memory and queues work; actions run in the guard's own threads.
         sampler.subscribe(guard.observe)
         registry.register(GuardCollector(guard.latest))
+        states = guard.states
+    else:
+        # The same states without the guard: nothing acts on them and nothing is saved across restarts.
+        states = GpuStates(Tracker(config.guard))
+        sampler.subscribe(states.observe)
+    registry.register(StateCollector(states.latest))
     if config.exporter.process_metrics:
         ProcessCollector(registry=registry)
-    return Agent(config, sampler, attribution, registry, host, guard)
+    return Agent(config, sampler, attribution, registry, host, states, guard)
 
 
 def run(config: Config) -> int:

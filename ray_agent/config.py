@@ -38,7 +38,9 @@ Example (every key optional)::
       dcgm_compat: false                # also export dcgm-exporter metric names and labels
       hostname: null                    # Hostname label of dcgm names; default: this host's name
       process_metrics: true             # the agent's own process_* metrics
-    guard:                              # the idle-GPU guard (see ray_agent/guard); off unless enabled
+    guard:                              # the idle-GPU guard (see ray_agent/guard); off unless enabled, but its
+                                        # idle_threshold, signal, window, min_samples and max_gap define each
+                                        # GPU's state (ray_agent.gpu_state) either way
       enabled: false
       dry_run: true                     # decide and audit, but never stop a job or kill a process
       idle_threshold: 0.05              # activity ratio below which a held GPU counts as idle

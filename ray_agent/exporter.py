@@ -3,6 +3,12 @@
 `collect()` builds fresh families from the latest snapshot on every scrape; nothing here is a long-lived
 gauge, and nothing here calls the GPU backend. A field missing from a sample is simply not exported.
 
+``rayrack_gpu_state{gpu, uuid, state}`` is each GPU's state, one-hot over busy, idle_held, free, unknown and
+lost, as :mod:`ray_agent.gpu_state` defines them from the guard's settings; it is exported whether or not the
+guard is enabled, with ``rayrack_gpu_idle_run_seconds`` (the idle clock) and
+``rayrack_gpu_idle_seconds_total{user, ray_job_id}`` (idle_held GPU-seconds by owner). Anything that asks
+whether a GPU is idle reads these series, never utilisation against a threshold of its own.
+
 dcgm-exporter's default counters (its ``default-counters.csv``) that NVML cannot supply with dcgm's meaning,
 and are therefore not exported under dcgm's names (``DCGM_NOT_FROM_NVML``):
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -35,8 +42,8 @@ from ray_agent import __version__
 from ray_agent.clock import Clock, SystemClock
 from ray_agent.config import ExporterConfig
 from ray_agent.gpu.base import CLOCK_EVENT_REASONS, GpmSample, GpuSample
-from ray_agent.guard import GuardSnapshot
-from ray_agent.guard.tracker import GpuState
+from ray_agent.gpu_state import GpuState
+from ray_agent.guard import GuardSnapshot, StateSnapshot
 from ray_agent.sampler import GpuStatus, Snapshot
 from ray_agent.users import User
 
@@ -51,7 +58,7 @@ DCGM_NOT_FROM_NVML = ("DCGM_FI_DEV_VGPU_LICENSE_STATUS", "DCGM_FI_DEV_NVLINK_BAN
 # `user` is who answers for the process: the Ray job's owner ("unknown" for a job not submitted through the
 # gateway), or the Linux user of a process outside Ray; `os_user` is always the Linux user.
 PROCESS_LABELS = ["gpu", "uuid", "pid", "user", "os_user", "ray_job_id", "ray_actor", "ray_task"]
-GUARD_STATES = tuple(state.value for state in GpuState)
+GPU_STATES = tuple(state.value for state in GpuState)
 
 
 def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -718,48 +725,62 @@ class SnapshotCollector(Collector):
                         family.add_metric(labels(status, sample), value)
                 yield family
 
-class GuardCollector(Collector):
-    """The idle guard's families, from its latest GuardSnapshot. Registered only when the guard is enabled."""
 
-    def __init__(self, source: Callable[[], GuardSnapshot]) -> None:
+_Latest = TypeVar("_Latest")
+
+
+class _LatestCollector(Collector, Generic[_Latest]):
+    """Families built from the latest immutable snapshot that `source` returns."""
+
+    def __init__(self, source: Callable[[], _Latest]) -> None:
         self._source = source
 
     def describe(self) -> list[Metric]:
         return []
+
+
+class StateCollector(_LatestCollector[StateSnapshot]):
+    """Each GPU's state (ray_agent.gpu_state) and idle_held time, whether or not the guard is enabled."""
+
+    def collect(self) -> Iterator[Metric]:
+        latest = self._source()
+        state = _gauge(
+            "gpu_state",
+            "1 for the GPU's current state, 0 for the others: busy, idle_held (held, activity below the idle "
+            "threshold for the whole window), free, unknown (not read, or its processes or activity unreadable), "
+            "lost (NVML says the GPU is lost).",
+            [*_GPU_LABELS, "state"],
+        )
+        idle_run = _gauge(
+            "gpu_idle_run_seconds",
+            "How long the GPU has been held with activity below the idle threshold (0 when it is not).",
+            _GPU_LABELS,
+        )
+        for track in latest.gpus:
+            labels = [str(track.index), track.uuid]
+            for name in GPU_STATES:
+                state.add_metric([*labels, name], 1.0 if track.state == name else 0.0)
+            idle_run.add_metric(labels, track.idle_seconds)
+        idle = _counter(
+            "gpu_idle_seconds",
+            "GPU-seconds spent idle_held, by the holding user and Ray job; a GPU held by several owners is "
+            "shared equally among them.",
+            ["user", "ray_job_id"],
+        )
+        for (user, job), seconds in sorted(latest.idle_seconds_total.items()):
+            idle.add_metric([user, job], seconds)
+        # No GPU yet (or none at all): no families, as for the snapshot's.
+        yield from (family for family in (state, idle_run, idle) if family.samples)
+
+
+class GuardCollector(_LatestCollector[GuardSnapshot]):
+    """The idle guard's own families, from its latest GuardSnapshot. Registered only when the guard is enabled."""
 
     def collect(self) -> Iterator[Metric]:
         guard = self._source()
         dry_run = _gauge("guard_dry_run", "1 when the idle guard only reports what it would do, else 0.")
         dry_run.add_metric([], 1.0 if guard.dry_run else 0.0)
         yield dry_run
-
-        state = _gauge(
-            "guard_gpu_state",
-            "Idle guard state of the GPU: 1 for the current one of busy, idle_held, free, unknown.",
-            [*_GPU_LABELS, "state"],
-        )
-        idle_run = _gauge(
-            "guard_idle_run_seconds",
-            "How long the GPU has been held with utilisation below the threshold (0 when it is not).",
-            _GPU_LABELS,
-        )
-        for track in guard.gpus:
-            labels = [str(track.index), track.uuid]
-            for name in GUARD_STATES:
-                state.add_metric([*labels, name], 1.0 if track.state == name else 0.0)
-            idle_run.add_metric(labels, track.idle_seconds)
-        yield state
-        yield idle_run
-
-        idle = _counter(
-            "gpu_idle_seconds",
-            "GPU-seconds spent idle_held (held, utilisation below the threshold for the whole window), by the "
-            "holding user and Ray job; a GPU held by several owners is shared equally among them.",
-            ["user", "ray_job_id"],
-        )
-        for (user, job), seconds in sorted(guard.idle_seconds_total.items()):
-            idle.add_metric([user, job], seconds)
-        yield idle
 
         actions = _counter(
             "guard_actions",

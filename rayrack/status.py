@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from ray_agent import ray_api
+from ray_agent.gpu_state import GpuState
 from rayrack.inventory import Host, Inventory
 from rayrack.progress import format_duration
 from rayrack.remote import run_python
@@ -44,8 +45,15 @@ print("RAYRACK-PROBE " + json.dumps(out))
 """
 
 GPU_STATES = ("busy", "idle", "free", "down")
-# Without the guard's own verdict, a GPU in use below this utilisation counts as idle.
-IDLE_UTILISATION = 0.05
+# The table's column for each state the agent exports (ray_agent/gpu_state.py): GPUs whose work is not known
+# are shown with the lost ones.
+COLUMN_OF_STATE = {
+    GpuState.BUSY: "busy",
+    GpuState.IDLE_HELD: "idle",
+    GpuState.FREE: "free",
+    GpuState.UNKNOWN: "down",
+    GpuState.LOST: "down",
+}
 
 
 @dataclass
@@ -70,46 +78,30 @@ def ray_version_of(wheelhouse: str | None) -> str:
 
 
 def gpu_states(metrics_text: str) -> tuple[dict[str, int], str, str]:
-    """Agent /metrics -> (GPUs per state busy/idle/free/down, agent version, driver version).
+    """Agent /metrics -> (GPUs per column busy/idle/free/down, agent version, driver version).
 
-    The idle guard's verdict (rayrack_guard_gpu_state) when the agent exports it; otherwise from
-    readability, processes on the GPU and utilisation.
+    Each GPU's state is the agent's (rayrack_gpu_state); a GPU listed without one (an agent too old to export
+    it) is down, since nothing here judges utilisation.
     """
-    up: dict[str, float] = {}
-    guard: dict[str, str] = {}
-    processes: dict[str, float] = {}
-    utilisation: dict[str, float] = {}
+    listed: set[str] = set()
+    state: dict[str, str] = {}
     agent, driver = "?", ""
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             gpu = sample.labels.get("gpu")
             if sample.name == "rayrack_gpu_up" and gpu is not None:
-                up[gpu] = sample.value
-            elif sample.name == "rayrack_guard_gpu_state" and gpu is not None and sample.value == 1:
-                guard[gpu] = sample.labels.get("state", "")
-            elif sample.name == "rayrack_gpu_processes" and gpu is not None:
-                processes[gpu] = sample.value
-            elif sample.name == "rayrack_gpu_utilization_ratio" and gpu is not None:
-                utilisation[gpu] = sample.value
+                listed.add(gpu)
+            elif sample.name == "rayrack_gpu_state" and gpu is not None:
+                listed.add(gpu)
+                if sample.value == 1:
+                    state[gpu] = sample.labels.get("state", "")
             elif sample.name == "rayrack_agent_info":
                 agent = sample.labels.get("version", "?")
             elif sample.name == "rayrack_gpu_info" and not driver:
                 driver = sample.labels.get("driver_version", "")
     counts = dict.fromkeys(GPU_STATES, 0)
-    for gpu, value in up.items():
-        if value != 1:
-            state = "down"
-        elif guard.get(gpu) in ("busy", "free"):
-            state = guard[gpu]
-        elif guard.get(gpu) == "idle_held":
-            state = "idle"
-        elif guard.get(gpu) == "unknown":
-            state = "down"
-        elif processes.get(gpu, 0) > 0:
-            state = "busy" if utilisation.get(gpu, 0.0) >= IDLE_UTILISATION else "idle"
-        else:
-            state = "free"
-        counts[state] += 1
+    for gpu in listed:
+        counts[COLUMN_OF_STATE.get(state.get(gpu, ""), "down")] += 1
     return counts, agent, driver
 
 

@@ -164,15 +164,22 @@ def cluster_overview() -> dict[str, Any]:
     return dashboard(
         "rayrack-cluster",
         "rayrack / Cluster overview",
-        "Every GPU of the cluster: busy, held idle, free or lost; utilisation, memory and power; hosts and Ray.",
+        "Every GPU of the cluster: busy, held idle, free, unknown or lost (each agent's rayrack_gpu_state); "
+        "utilisation, memory and power; hosts and Ray.",
         [
             row("GPUs"),
-            stat("GPUs busy", f'{gpus}{{state="busy"}}', description="Computing at least 5% of the time."),
-            stat("GPUs held idle", f'{gpus}{{state="idle_held"}}',
-                 description="Held by a process but computing less than 5% of the time."),
-            stat("GPUs free", f'{gpus}{{state="free"}}', description="No process holds them."),
-            stat("GPUs lost", f'{gpus}{{state="lost"}}', description="The agent cannot read them."),
-            stat("GPU utilisation", "cluster:rayrack_gpu_utilization:avg", "percentunit"),
+            stat("GPUs busy", f'{gpus}{{state="busy"}}', width=3,
+                 description="Held and computing at or above the agent's idle threshold, or under it for less than "
+                             "its idle window."),
+            stat("GPUs held idle", f'{gpus}{{state="idle_held"}}', width=3,
+                 description="Held by a process but computing under the agent's idle threshold for its whole idle "
+                             "window."),
+            stat("GPUs free", f'{gpus}{{state="free"}}', width=3, description="No process holds them."),
+            stat("GPUs unknown", f'{gpus}{{state="unknown"}}', width=3,
+                 description="Not read this time, or their processes or activity could not be read (MIG)."),
+            stat("GPUs lost", f'{gpus}{{state="lost"}}', width=3,
+                 description="NVML says the GPU is lost: off the bus, or the driver dropped it."),
+            stat("GPU utilisation", "cluster:rayrack_gpu_utilization:avg", "percentunit", width=5),
             stat("GPU power", "cluster:rayrack_gpu_power_watts:sum", "watt"),
             series("GPUs by state", [target(gpus, "{{state}}")]),
             series("GPU utilisation by node", [
@@ -305,7 +312,8 @@ def idle_waste() -> dict[str, Any]:
     return dashboard(
         "rayrack-idle",
         "rayrack / Idle GPU waste",
-        "GPUs held but idle (the agent's idle guard), by user and Ray job: who is wasting GPUs, and for how long.",
+        "GPUs held but idle (the agent's idle_held state), by user and Ray job: who is wasting GPUs, and for how "
+        "long.",
         [
             stat("GPUs idle now", f"sum(user_job:rayrack_gpu_idle_seconds:rate5m{{{user}}})",
                  description="GPU-seconds idle per second over 5 minutes: the number of GPUs held idle.", width=6),
@@ -318,18 +326,17 @@ def idle_waste() -> dict[str, Any]:
                   f"sort_desc(user_job:rayrack_gpu_idle_hours:increase1d{{{user}}})", "h"),
             series("GPUs idle by user and Ray job", [target(
                 f"user_job:rayrack_gpu_idle_seconds:rate5m{{{user}}}", "{{user}} {{ray_job_id}}")]),
-            series("GPUs by guard state", [target("sum by (state) (rayrack_guard_gpu_state)", "{{state}}")]),
+            series("GPUs by state", [target("cluster:rayrack_gpus:count", "{{state}}")]),
             series("Longest idle run by node", [target(
-                "max by (node) (rayrack_guard_idle_run_seconds)", "{{node}}")], "s"),
+                "max by (node) (rayrack_gpu_idle_run_seconds)", "{{node}}")], "s"),
             table("GPU memory held by user and Ray job",
                   f"sum by (user, ray_job_id) (rayrack_gpu_process_memory_used_bytes{{{user}}})", "bytes"),
             table("Idle share of held GPU-hours by user, dashboard range",
                   f"{GPU_HOURS.format(series=f'user:rayrack_gpus_idle_held:sum{{{user}}}')}"
                   f" / {GPU_HOURS.format(series=f'user:rayrack_gpus_allocated:sum{{{user}}}')}", "percentunit",
-                  "GPU-hours held idle (the guard's idle_held) over all GPU-hours held; guarded nodes only count "
-                  "as idle."),
+                  "GPU-hours held idle (the agent's idle_held) over all GPU-hours held."),
             series("GPUs idle-held by user", [target(f"user:rayrack_gpus_idle_held:sum{{{user}}}", "{{user}}")],
-                   description="GPUs in the guard's idle_held state, shared among their owners."),
+                   description="GPUs in the idle_held state, shared among their owners."),
             table("Guard actions by stage and outcome, last day",
                   "sum by (stage, action, outcome) (increase(rayrack_guard_actions_total[1d]))", "short"),
         ],
@@ -349,7 +356,7 @@ def my_jobs() -> dict[str, Any]:
             stat("GPUs held now", f"sum(user:rayrack_gpus_allocated:sum{{{user}}})", width=6,
                  description="GPUs held by the user's processes; a GPU shared by n owners counts 1/n."),
             stat("GPUs idle-held now", f"sum(user:rayrack_gpus_idle_held:sum{{{user}}})", width=6,
-                 description="Of those, held but idle for the idle guard's whole window."),
+                 description="Of those, held but idle for the agent's whole idle window."),
             stat("GPU-hours, dashboard range",
                  f"sum({GPU_HOURS.format(series=f'user:rayrack_gpus_allocated:sum{{{user}}}')})", "h", width=6),
             stat("Idle GPU-hours, dashboard range",
@@ -370,7 +377,7 @@ def my_jobs() -> dict[str, Any]:
                 f"user_job:rayrack_gpus_allocated:sum{{{user}}}", "{{user}} {{ray_job_id}}")]),
             series("GPUs idle-held by Ray job", [target(
                 f"user_job:rayrack_gpus_idle_held:sum{{{user}}}", "{{user}} {{ray_job_id}}")],
-                description="Held but idle for the idle guard's whole window (nodes with the guard)."),
+                description="Held but idle for the agent's whole idle window."),
         ],
         [USER],
         time_from="now-24h",

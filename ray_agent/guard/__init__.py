@@ -1,8 +1,10 @@
 """The idle-GPU guard: snapshots -> tracker -> policy -> actions -> audit log and metrics.
 
-Wiring: :meth:`Guard.observe` is a sampler listener. It only runs the tracker (pure, in memory), publishes
-an immutable :class:`GuardSnapshot` for the exporter and hands due escalations and the state document to
-two worker threads, so a slow webhook, Jobs API or disk never delays a collection:
+Each GPU's state (:mod:`ray_agent.gpu_state`) comes from :class:`GpuStates`, the tracker on its own, which
+the agent runs whether or not the guard is enabled. With the guard, :meth:`Guard.observe` is the sampler
+listener instead. It runs the same :class:`GpuStates` (pure, in memory), publishes an immutable
+:class:`GuardSnapshot` for the exporter and hands due escalations and the state document to two worker
+threads, so a slow webhook, Jobs API or disk never delays a collection:
 
 * ``guard-actions`` carries out escalations one after another (see :mod:`ray_agent.guard.actions`);
 * ``guard-state`` writes the state file whenever the runs change.
@@ -15,7 +17,7 @@ import queue
 import socket
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -25,7 +27,7 @@ from ray_agent.clock import Clock, SystemClock
 from ray_agent.config import AttributionConfig, GuardConfig
 from ray_agent.guard.actions import ActionRunner, Webhook
 from ray_agent.guard.audit import AuditLog
-from ray_agent.guard.tracker import Escalation, GpuTrack, StateFile, Tracker
+from ray_agent.guard.tracker import Escalation, GpuTrack, Observation, StateFile, Tracker
 from ray_agent.sampler import Snapshot
 from ray_agent.users import User
 
@@ -33,12 +35,43 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class StateSnapshot:
+    """Each GPU's state after the latest collection, and idle_held GPU-seconds since the agent started."""
+
+    gpus: tuple[GpuTrack, ...] = ()
+    # (user, ray job id) -> idle_held GPU-seconds
+    idle_seconds_total: Mapping[tuple[str, str], float] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class GpuStates:
+    """The tracker as a sampler listener: GPU states for the exporter, with the guard on or off.
+
+    ``observe`` runs on the sampler's thread; ``latest`` may be called from any thread.
+    """
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self._lock = threading.Lock()
+        self._idle_seconds: dict[tuple[str, str], float] = {}
+        self._latest = StateSnapshot()
+
+    def observe(self, snapshot: Snapshot) -> Observation:
+        observation = self.tracker.observe(snapshot)
+        with self._lock:
+            for owner, seconds in observation.idle_seconds.items():
+                self._idle_seconds[owner] = self._idle_seconds.get(owner, 0.0) + seconds
+            self._latest = StateSnapshot(observation.tracks, MappingProxyType(dict(self._idle_seconds)))
+        return observation
+
+    def latest(self) -> StateSnapshot:
+        return self._latest
+
+
+@dataclass(frozen=True, slots=True)
 class GuardSnapshot:
-    """Everything the exporter shows about the guard; counters are cumulative since the agent started."""
+    """What the exporter shows about the guard's actions; counters are cumulative since the agent started."""
 
     dry_run: bool
-    gpus: tuple[GpuTrack, ...]
-    idle_seconds_total: Mapping[tuple[str, str], float]  # (user, ray job id) -> idle_held GPU-seconds
     actions_total: Mapping[tuple[str, str, str], int]  # (stage, action, outcome) -> audit records
     webhook_failed_attempts_total: int
     audit_write_failures_total: int
@@ -58,15 +91,14 @@ class Guard:
         self.config = config
         self._clock = clock or SystemClock()
         self._state_file = StateFile(config.state_file)
-        self.tracker = Tracker(config, self._state_file.load())
+        self.states = GpuStates(Tracker(config, self._state_file.load()))
+        self.tracker = self.states.tracker
         self.audit = AuditLog(config.audit_log)
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._idle_seconds: dict[tuple[str, str], float] = {}
         self._actions: dict[tuple[str, str, str], int] = {}
         self._webhook_failures = 0
         self._state_failures = 0
-        self._tracks: tuple[GpuTrack, ...] = ()
         self._latest = self._build_snapshot()
 
         jobs = (
@@ -139,12 +171,7 @@ class Guard:
     # --- the sampler listener ---
 
     def observe(self, snapshot: Snapshot) -> None:
-        observation = self.tracker.observe(snapshot)
-        with self._lock:
-            for owner, seconds in observation.idle_seconds.items():
-                self._idle_seconds[owner] = self._idle_seconds.get(owner, 0.0) + seconds
-            self._tracks = observation.tracks
-            self._latest = self._build_snapshot()
+        observation = self.states.observe(snapshot)
         for escalation in observation.escalations:
             self._escalations.put(escalation)
         document = self.tracker.state_document(snapshot)
@@ -209,8 +236,6 @@ class Guard:
     def _build_snapshot(self) -> GuardSnapshot:
         return GuardSnapshot(
             dry_run=self.config.dry_run,
-            gpus=self._tracks,
-            idle_seconds_total=MappingProxyType(dict(self._idle_seconds)),
             actions_total=MappingProxyType(dict(self._actions)),
             webhook_failed_attempts_total=self._webhook_failures,
             audit_write_failures_total=self.audit.write_failures,

@@ -1,14 +1,7 @@
 """Per-GPU idle state machine over the snapshot stream, and its persistence across agent restarts.
 
-Each snapshot classifies every GPU:
-
-* ``free``: the GPU was read and no compute process holds it.
-* ``unknown``: the GPU, its process list or its activity could not be read. Unknown counts as active: it
-  ends an idle run and never leads to an action.
-* ``busy``: processes hold it and its activity is at or above ``idle_threshold``, or it is below but has not
-  been for a whole ``window`` yet (the idle clock is running; see the idle-run gauge).
-* ``idle_held``: processes hold it and every sample for at least ``window`` (and at least ``min_samples``
-  samples) was below ``idle_threshold``, with no gap longer than ``max_gap`` between samples.
+Each snapshot puts every GPU in one of the states defined in :mod:`ray_agent.gpu_state`. Unknown and lost
+count as active: they end an idle run and never lead to an action.
 
 An idle run belongs to one GPU and one set of holding pids: a process arriving or leaving starts a new run.
 Once a GPU is idle_held, each configured stage (notify, stop, kill) becomes due ``<stage>_after`` seconds
@@ -44,6 +37,7 @@ from typing import Any
 
 from ray_agent.config import GuardConfig
 from ray_agent.gpu.base import GpuSample
+from ray_agent.gpu_state import LOST_ERRORS, GpuState
 from ray_agent.sampler import GpuStatus, ProcessEntry, Snapshot
 
 log = logging.getLogger(__name__)
@@ -53,13 +47,6 @@ STATE_VERSION = 1
 # Sample times are sums of floating-point steps: a window that ends exactly on a sample must not slip to the
 # next one because of rounding.
 _TOLERANCE_SECONDS = 1e-3
-
-
-class GpuState(enum.StrEnum):
-    BUSY = "busy"
-    IDLE_HELD = "idle_held"
-    FREE = "free"
-    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +131,7 @@ class Reading(enum.StrEnum):
     IDLE = "idle"  # held, utilisation below the threshold
     FREE = "free"
     UNKNOWN = "unknown"
+    LOST = "lost"
 
 
 def activity(sample: GpuSample, signal: str) -> float | None:
@@ -159,6 +147,8 @@ def activity(sample: GpuSample, signal: str) -> float | None:
 
 def classify(status: GpuStatus, holders: tuple[Holder, ...], config: GuardConfig) -> Reading:
     sample = status.sample
+    if not status.up and status.error is not None and status.error.name in LOST_ERRORS:
+        return Reading.LOST
     if not status.up or sample is None or sample.processes is None:
         return Reading.UNKNOWN
     if not sample.processes:
@@ -322,7 +312,7 @@ class Tracker:
         for track in tracks:
             if track.index == status.index or track.state in (GpuState.IDLE_HELD, GpuState.FREE):
                 continue
-            if track.state is GpuState.UNKNOWN and not track.holders:
+            if track.state in (GpuState.UNKNOWN, GpuState.LOST) and not track.holders:
                 unreadable.append(track.index)
             for holder in track.holders:
                 active_pids.setdefault(holder.pid, []).append(track.index)

@@ -18,7 +18,7 @@ from agent.support import SCENARIOS, fake_sampler, http_get, metric_lines, sampl
 from ray_agent.cli import build_agent
 from ray_agent.clock import FakeClock
 from ray_agent.config import ExporterConfig, load_config
-from ray_agent.exporter import DCGM_NOT_FROM_NVML, SnapshotCollector
+from ray_agent.exporter import DCGM_NOT_FROM_NVML, GPU_STATES, SnapshotCollector
 from ray_agent.server import MetricsServer
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -71,14 +71,22 @@ def test_golden_content_follows_the_rules() -> None:
         == 2  # once per collection
     )
     assert " -1" not in body
-    # Lost GPU: up 0, nothing else about it but the error counter.
+    # Lost GPU: up 0, nothing else about it but the error counter and its state.
     assert sample_value(body, "rayrack_gpu_up", gpu="2") == 0
     assert sample_value(body, "rayrack_gpu_read_errors_total", gpu="2", error="GPU_IS_LOST") == 2
     assert not [
         line
         for line in body.splitlines()
-        if 'gpu="2"' in line and "_up{" not in line and "errors" not in line
+        if 'gpu="2"' in line and "_up{" not in line and "errors" not in line and "_state{" not in line
+        and "_idle_run_seconds{" not in line
     ]
+    # One state per GPU, and only one: held and computing, nobody's, lost.
+    states = {
+        gpu: [state for state in GPU_STATES if sample_value(body, "rayrack_gpu_state", gpu=gpu, state=state) == 1]
+        for gpu in ("0", "1", "2", "3")
+    }
+    assert states == {"0": ["busy"], "1": ["free"], "2": ["lost"], "3": ["free"]}
+    assert len(metric_lines(body, "rayrack_gpu_state")) == 4 * len(GPU_STATES)
     # No hostname label on native names.
     assert "hostname" not in body.lower()
     # Processes outside Ray: the user who answers for them is their Linux user.

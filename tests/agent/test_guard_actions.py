@@ -311,7 +311,7 @@ def test_allow_listed_user_gets_no_action(tmp_path: Path) -> None:
     assert gpu1 == [("notify", "done"), ("stop", "skipped"), ("kill", "skipped")]
     assert [m["gpu"] for m in receiver.messages] == [1]
     # Allow-listed GPUs still show up in the bill.
-    assert {user for user, _ in guard.latest().idle_seconds_total} == {"svc-inference", "frank"}
+    assert {user for user, _ in guard.states.latest().idle_seconds_total} == {"svc-inference", "frank"}
 
 
 def test_opt_out_metadata_and_job_patterns_exempt_jobs(tmp_path: Path, head: RayHead, token_file: Path) -> None:

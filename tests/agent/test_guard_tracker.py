@@ -107,9 +107,11 @@ def test_flapping_never_fires(tracker: Tracker) -> None:
 def test_nvml_errors_mid_window_count_as_active(tracker: Tracker) -> None:
     clock = FakeClock()
     trace = drive(scenario_sampler("guard-nvml-errors.yml", clock), clock, tracker, 2 * 3600)
-    for gpu in (0, 1, 2):
+    for gpu, unreadable in ((0, "lost"), (1, "unknown"), (2, "unknown")):
         assert trace.fired(gpu) == [], gpu
-        assert "unknown" in trace.states(gpu)
+        assert unreadable in trace.states(gpu)
+    # NVML's GPU_IS_LOST is the GPU gone, not a failed read.
+    assert "unknown" not in trace.states(0)
     # The same GPU without errors does fire: the window is reachable in this trace.
     assert trace.fired(3) == [(300.0, "notify"), (420.0, "stop"), (540.0, "kill")]
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from agent.support import PROC_FIXTURE, SCENARIOS, sample_value
+from agent.support import PROC_FIXTURE, SCENARIOS, metric_lines, sample_value
 from ray_agent.attribution import Attribution
 from ray_agent.cli import build_agent, render_guard
 from ray_agent.clock import FakeClock
@@ -111,6 +111,7 @@ def test_guard_errors_name_the_key(guard: dict, message: str) -> None:
 
 
 def test_guard_metrics_appear_only_when_enabled(tmp_path: Path) -> None:
+    """The guard's own families need it enabled; the GPU states are the same either way."""
     config_file = tmp_path / "agent.yml"
     document = yaml.safe_load((SCENARIOS / "golden.config.yml").read_text())
     document["gpu"]["fake_scenario"] = str(SCENARIOS / "guard-idle-after-busy.yml")
@@ -146,12 +147,28 @@ def test_guard_metrics_appear_only_when_enabled(tmp_path: Path) -> None:
         agent.guard.stop()
         agent.sampler.stop()
     assert sample_value(body, "rayrack_guard_dry_run") == 1
-    assert sample_value(body, "rayrack_guard_gpu_state", gpu="0", state="idle_held") == 1
-    assert sample_value(body, "rayrack_guard_gpu_state", gpu="0", state="busy") == 0
-    assert sample_value(body, "rayrack_guard_idle_run_seconds", gpu="0") == 600
+    assert sample_value(body, "rayrack_gpu_state", gpu="0", state="idle_held") == 1
+    assert sample_value(body, "rayrack_gpu_state", gpu="0", state="busy") == 0
+    assert sample_value(body, "rayrack_gpu_idle_run_seconds", gpu="0") == 600
     assert sample_value(body, "rayrack_gpu_idle_seconds_total", user="bob", ray_job_id="") == 300
     assert sample_value(body, "rayrack_guard_actions_total", stage="notify", action="log", outcome="done") == 1
     assert sample_value(body, "rayrack_guard_webhook_failed_attempts_total") == 0
+
+    # The guard off, the same settings otherwise: the same states, idle clock and idle-held seconds.
+    unguarded = load_config(config_file, {"guard.window": "5m"})
+    clock = FakeClock()
+    plain = build_agent(unguarded, clock=clock, host="127.0.0.1")
+    assert plain.guard is None
+    try:
+        for _ in range(121):
+            plain.sampler.collect_once()
+            clock.advance(10)
+        plain_body = generate_latest(plain.registry).decode()
+    finally:
+        plain.sampler.stop()
+    assert "guard" not in plain_body
+    for name in ("rayrack_gpu_state", "rayrack_gpu_idle_run_seconds", "rayrack_gpu_idle_seconds_total"):
+        assert metric_lines(plain_body, name) == metric_lines(body, name) != []
 
 
 def test_check_summarises_the_guard(tmp_path: Path) -> None:

@@ -3,9 +3,19 @@
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ray_agent.gpu_state import GpuState
 from rayrack.inventory import parse_listing
 from rayrack.records import read_record, write_record
-from rayrack.status import build_rows, describe_run, gpu_states, ray_states, ray_version_of, render
+from rayrack.status import (
+    COLUMN_OF_STATE,
+    GPU_STATES,
+    build_rows,
+    describe_run,
+    gpu_states,
+    ray_states,
+    ray_version_of,
+    render,
+)
 
 METRICS = """\
 # HELP rayrack_up 1 when the agent has a current collection.
@@ -29,26 +39,58 @@ rayrack_gpu_utilization_ratio{gpu="0",uuid="GPU-a"} 0.93
 rayrack_gpu_utilization_ratio{gpu="1",uuid="GPU-b"} 0.0
 rayrack_gpu_utilization_ratio{gpu="2",uuid="GPU-c"} 0.0
 """
-
-GUARD = """\
-# TYPE rayrack_guard_gpu_state gauge
-rayrack_guard_gpu_state{gpu="0",uuid="GPU-a",state="busy"} 0.0
-rayrack_guard_gpu_state{gpu="0",uuid="GPU-a",state="free"} 1.0
-rayrack_guard_gpu_state{gpu="1",uuid="GPU-b",state="idle_held"} 1.0
-rayrack_guard_gpu_state{gpu="2",uuid="GPU-c",state="free"} 1.0
+# The agent's state of each GPU: busy, idle_held, free, lost.
+STATES = """\
+# TYPE rayrack_gpu_state gauge
+rayrack_gpu_state{gpu="0",uuid="GPU-a",state="busy"} 1.0
+rayrack_gpu_state{gpu="0",uuid="GPU-a",state="idle_held"} 0.0
+rayrack_gpu_state{gpu="0",uuid="GPU-a",state="free"} 0.0
+rayrack_gpu_state{gpu="0",uuid="GPU-a",state="unknown"} 0.0
+rayrack_gpu_state{gpu="0",uuid="GPU-a",state="lost"} 0.0
+rayrack_gpu_state{gpu="1",uuid="GPU-b",state="busy"} 0.0
+rayrack_gpu_state{gpu="1",uuid="GPU-b",state="idle_held"} 1.0
+rayrack_gpu_state{gpu="1",uuid="GPU-b",state="free"} 0.0
+rayrack_gpu_state{gpu="1",uuid="GPU-b",state="unknown"} 0.0
+rayrack_gpu_state{gpu="1",uuid="GPU-b",state="lost"} 0.0
+rayrack_gpu_state{gpu="2",uuid="GPU-c",state="busy"} 0.0
+rayrack_gpu_state{gpu="2",uuid="GPU-c",state="idle_held"} 0.0
+rayrack_gpu_state{gpu="2",uuid="GPU-c",state="free"} 1.0
+rayrack_gpu_state{gpu="2",uuid="GPU-c",state="unknown"} 0.0
+rayrack_gpu_state{gpu="2",uuid="GPU-c",state="lost"} 0.0
+rayrack_gpu_state{gpu="3",uuid="GPU-d",state="busy"} 0.0
+rayrack_gpu_state{gpu="3",uuid="GPU-d",state="idle_held"} 0.0
+rayrack_gpu_state{gpu="3",uuid="GPU-d",state="free"} 0.0
+rayrack_gpu_state{gpu="3",uuid="GPU-d",state="unknown"} 0.0
+rayrack_gpu_state{gpu="3",uuid="GPU-d",state="lost"} 1.0
 """
 
 
-def test_gpu_states_from_processes_and_utilisation():
-    counts, agent, driver = gpu_states(METRICS)
+def test_gpu_states_from_the_agents_state():
+    counts, agent, driver = gpu_states(METRICS + STATES)
     assert counts == {"busy": 1, "idle": 1, "free": 1, "down": 1}
     assert (agent, driver) == ("0.1.0", "550.54.15")
 
 
-def test_the_guards_verdict_wins_when_exported():
-    # gpu 0 is busy by its utilisation, but the guard (which sees its whole window) says free.
-    counts, _, _ = gpu_states(METRICS + GUARD)
-    assert counts == {"busy": 0, "idle": 1, "free": 2, "down": 1}
+def test_the_agents_state_wins_over_utilisation():
+    # gpu 0 computes at 93 % by its utilisation, but the agent (which sees its processes and its whole window)
+    # says free; gpu 1 is held at 0 % but the agent does not know whether it works.
+    changed = STATES.replace('gpu="0",uuid="GPU-a",state="busy"} 1.0', 'gpu="0",uuid="GPU-a",state="busy"} 0.0')
+    changed = changed.replace('gpu="0",uuid="GPU-a",state="free"} 0.0', 'gpu="0",uuid="GPU-a",state="free"} 1.0')
+    changed = changed.replace('gpu="1",uuid="GPU-b",state="idle_held"} 1.0',
+                              'gpu="1",uuid="GPU-b",state="idle_held"} 0.0')
+    changed = changed.replace('gpu="1",uuid="GPU-b",state="unknown"} 0.0', 'gpu="1",uuid="GPU-b",state="unknown"} 1.0')
+    counts, _, _ = gpu_states(METRICS + changed)
+    assert counts == {"busy": 0, "idle": 0, "free": 2, "down": 2}
+
+
+def test_every_state_of_the_agent_has_a_column():
+    assert set(COLUMN_OF_STATE) == set(GpuState)
+    assert set(COLUMN_OF_STATE.values()) == set(GPU_STATES)
+
+
+def test_an_agent_without_states_shows_its_gpus_down():
+    # Nothing here judges utilisation: without the agent's state a GPU's work is not known.
+    assert gpu_states(METRICS)[0] == {"busy": 0, "idle": 0, "free": 0, "down": 4}
 
 
 def test_no_gpus_is_all_zero():
@@ -107,7 +149,8 @@ def test_the_table_shows_every_node_and_who_is_behind():
                  "metrics": "rayrack_up 1.0\n", "version": {"ray_version": "2.58.0"},
                  "nodes": nodes({"node_ip": "10.0.0.10", "state": "ALIVE"}, {"node_ip": "10.0.0.12", "state": "ALIVE"}),
                  "jobs": [{"status": "RUNNING"}, {"status": "SUCCEEDED"}, {"status": "RUNNING"}]},
-        "worker1": {"active": "activating", "wheelhouse": "ray-2.58.1-default-py3.11-x86_64", "metrics": METRICS},
+        "worker1": {"active": "activating", "wheelhouse": "ray-2.58.1-default-py3.11-x86_64",
+                    "metrics": METRICS + STATES},
         "worker2": {"error": "ssh: connect to host 10.0.0.12 port 22: No route to host"},
     }
     rows = build_rows(inv, probes)

@@ -82,6 +82,28 @@ def test_every_target_is_scraped_and_up(the_lab):
     assert heads and all(t["labels"]["node"] == the_lab.nodes[0].name for t in heads)
 
 
+def test_every_gpu_is_in_exactly_one_state_with_the_guard_off(the_lab):
+    """Every GPU an agent lists has one state of rayrack_gpu_state set, on nodes whose guard is off too."""
+    asked = [
+        ("/api/v1/query", {"query": 'count by (node, gpu) (rayrack_gpu_up{job="ray-agent"})'}),
+        ("/api/v1/query", {"query": 'count by (node, gpu) (rayrack_gpu_state{job="ray-agent"} == 1)'}),
+        ("/api/v1/query", {"query": 'count by (node) (rayrack_guard_dry_run{job="ray-agent"})'}),
+    ]
+    deadline = time.monotonic() + 60
+    while True:
+        listed, stated, guarded = (
+            {(r["metric"].get("node"), r["metric"].get("gpu")): float(r["value"][1]) for r in answer["data"]["result"]}
+            for answer in prometheus(the_lab, asked)
+        )
+        if (listed and set(stated) == set(listed)) or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    assert listed, "no agent lists a GPU"
+    assert stated == dict.fromkeys(listed, 1.0), (listed, stated)
+    unguarded = {node for node, _ in listed} - {node for node, _ in guarded}
+    assert unguarded, f"every node runs the guard ({sorted(guarded)}): nothing shows the states without it"
+
+
 def ask_lab(the_lab: labtool.Lab) -> queries.Ask:
     return lambda requests: prometheus(the_lab, requests)
 

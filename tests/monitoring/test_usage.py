@@ -27,10 +27,10 @@ AGENT = """\
 rayrack_gpu_owner_share{gpu="0",uuid="GPU-a",user="alice",ray_job_id="02000000"} 1
 rayrack_gpu_owner_share{gpu="1",uuid="GPU-b",user="alice",ray_job_id="02000000"} 0.5
 rayrack_gpu_owner_share{gpu="1",uuid="GPU-b",user="bob",ray_job_id="03000000"} 0.5
-rayrack_guard_gpu_state{gpu="0",uuid="GPU-a",state="busy"} 1
-rayrack_guard_gpu_state{gpu="0",uuid="GPU-a",state="idle_held"} 0
-rayrack_guard_gpu_state{gpu="1",uuid="GPU-b",state="busy"} 0
-rayrack_guard_gpu_state{gpu="1",uuid="GPU-b",state="idle_held"} 1
+rayrack_gpu_state{gpu="0",uuid="GPU-a",state="busy"} 1
+rayrack_gpu_state{gpu="0",uuid="GPU-a",state="idle_held"} 0
+rayrack_gpu_state{gpu="1",uuid="GPU-b",state="busy"} 0
+rayrack_gpu_state{gpu="1",uuid="GPU-b",state="idle_held"} 1
 rayrack_job_info{ray_job_id="02000000",submission_id="alice-raysubmit_a",user="alice"} 1
 rayrack_job_info{ray_job_id="03000000",submission_id="bob-raysubmit_b",user="bob"} 1
 """
