@@ -23,7 +23,7 @@ SERVE_OWNER_ENV_VAR = "RAYRACK_USER"
 UNKNOWN_OWNER = "unknown"
 
 # A user name, also usable as a Linux login and a submission id prefix. The inventory check
-# (roles/rayrack/filter_plugins, rayrack_users) and the gateway's users.json reader both use this one.
+# (plugins/filter/rayrack_inventory.py, rayrack_users) and the gateway's users.json reader both use this one.
 # Match it with fullmatch: a bare `$` also matches before a final newline ("alice\n").
 USER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # No user may take the owner name of jobs submitted around the gateway.

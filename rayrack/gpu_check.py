@@ -1,6 +1,6 @@
 """GPU checks of one node from nvidia-smi (and dcgmi) outputs: parsers, the observation they build, the checks.
 
-Standard library only: the same file is the gpu_validate role's module_utils (the module runs on the node's
+Standard library only: the same file is the gpu_validate module's module_utils (the module runs on the node's
 system python3) and backs `rayrack gpu-check --captures DIR` on the controller.
 
 The observation every source feeds and every check reads (a plain dict, JSON-serialisable):

@@ -118,7 +118,8 @@ def main() -> int:
         cold, cold_changed = playbook({})
         reruns = [playbook({}) for _ in range(ROUNDS)]
         with tempfile.NamedTemporaryFile("w", suffix=".cfg") as stock_cfg:
-            stock_cfg.write(f"[defaults]\nroles_path = {REPO / 'roles'}\n")
+            # Only what finds the kit's content: its roles, and its plugins as rayrack.cluster.
+            stock_cfg.write(f"[defaults]\nroles_path = {REPO / 'roles'}\ncollections_path = {REPO / '.collections'}\n")
             stock_cfg.flush()
             stock = [playbook({"ANSIBLE_CONFIG": stock_cfg.name}) for _ in range(ROUNDS)]
         if any(changed for _, changed in reruns + stock):

@@ -12,6 +12,7 @@ from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = REPO / "roles"
+FILTERS = REPO / "plugins" / "filter"
 
 
 def load_module(path: Path, name: str) -> ModuleType:

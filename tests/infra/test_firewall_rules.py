@@ -53,7 +53,7 @@ def render(tmp_path: Path, monitoring: dict | None = None, nfs_server: str | Non
     dest = tmp_path / "rayrack.nft"
     # nft resolves the Ray user of the head's output rule: `nobody` stands in for it, which this machine may lack.
     run_play(tmp_path, inventory, PLAY, {"dest": str(dest), "rayrack_ray_user": "nobody", **settings},
-             {"ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins:{ROLES}/firewall/filter_plugins"})
+             {})
     return dest.read_text()
 
 

@@ -42,7 +42,7 @@ def unit(tmp_path_factory) -> Path:
         "ray_head": {"hosts": {"head": {"ansible_host": "10.0.0.10"}}}}}}
     dest = tmp / "rayrack-gateway.service"
     run_play(tmp, inventory, PLAY, {"dest": str(dest)},
-             {"ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins:{ROLES}/ray_gateway/filter_plugins"})
+             {})
     return dest
 
 

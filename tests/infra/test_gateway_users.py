@@ -5,9 +5,9 @@ import hashlib
 import pytest
 from ansible.errors import AnsibleFilterError
 
-from .conftest import ROLES, load_module
+from .conftest import FILTERS, load_module
 
-gw = load_module(ROLES / "ray_gateway" / "filter_plugins" / "ray_gateway.py", "ray_gateway_filter")
+gw = load_module(FILTERS / "ray_gateway.py", "ray_gateway_filter")
 
 USERS = [{"name": "alice", "contact": "alice@example.org"}, {"name": "bob", "max_gpus": 1},
          {"name": "ops", "admin": True}]

@@ -12,7 +12,7 @@ import pytest
 
 from rayrack import gpu_check as gv
 
-from .conftest import REPO, ROLES
+from .conftest import REPO
 
 DATA = Path(__file__).parent / "data" / "nvidia-smi"
 PROFILES = gv.load_profiles()
@@ -23,11 +23,11 @@ def run_module(args: dict, env: dict | None = None) -> dict:
     """gpu_validate run by `ansible localhost -m`: AnsiballZ packs the module with its module_utils."""
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "ansible"), "localhost", "-i", "localhost,", "-c", "local",
-         "-e", f"ansible_python_interpreter={sys.executable}", "-m", "gpu_validate", "-a", json.dumps(args)],
+         "-e", f"ansible_python_interpreter={sys.executable}", "-m", "rayrack.cluster.gpu_validate",
+         "-a", json.dumps(args)],
         capture_output=True, text=True, check=False,
-        env={**os.environ, **(env or {}), "ANSIBLE_LIBRARY": str(ROLES / "gpu_validate" / "library"),
-             "ANSIBLE_MODULE_UTILS": str(ROLES / "gpu_validate" / "module_utils"), "ANSIBLE_STDOUT_CALLBACK": "json",
-             "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_LOCALHOST_WARNING": "0"})
+        env={**os.environ, **(env or {}), "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+             "ANSIBLE_STDOUT_CALLBACK": "json", "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_LOCALHOST_WARNING": "0"})
     assert proc.stdout.strip(), proc.stderr
     result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
     assert "module_stderr" not in result and "Traceback" not in json.dumps(result), result

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, ROLES, load_module
+from .conftest import FILTERS, REPO, load_module
 from .test_inventory_validation import cluster, errors, failure_message, inv
 
 sys.path.insert(0, str(REPO / "tests" / "lab"))
@@ -109,10 +109,10 @@ def test_pinned_packages_take_ascii_digits_only():
 
 
 def test_other_version_checks_take_ascii_digits_only():
-    cuda = load_module(ROLES / "cuda_toolkit" / "filter_plugins" / "cuda_toolkit.py", "cuda_toolkit_ascii")
+    cuda = load_module(FILTERS / "cuda_toolkit.py", "cuda_toolkit_ascii")
     with pytest.raises(cuda.AnsibleFilterError, match=r"cuda_toolkit_versions: each must be major\.minor"):
         cuda.cuda_toolkit_packages([f"12.{FULL_WIDTH_SIX}"], f"12.{FULL_WIDTH_SIX}")
-    plan = load_module(ROLES / "nvidia_driver" / "filter_plugins" / "nvidia_driver_plan.py", "nvidia_plan_ascii")
+    plan = load_module(FILTERS / "nvidia_driver_plan.py", "nvidia_plan_ascii")
     assert plan.VERSION_RE.fullmatch(ARABIC_INDIC) is None and plan.VERSION_RE.fullmatch("535.309.01")
 
 

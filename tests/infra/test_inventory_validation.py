@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, ROLES, load_module
+from .conftest import FILTERS, REPO, load_module
 
-inv = load_module(ROLES / "rayrack" / "filter_plugins" / "rayrack_inventory.py", "rayrack_inventory")
+inv = load_module(FILTERS / "rayrack_inventory.py", "rayrack_inventory")
 
 
 def cluster(workers=2, **overrides):

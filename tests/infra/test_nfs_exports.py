@@ -66,7 +66,7 @@ def render(tmp_path: Path, name: str, **overrides: object) -> Path:
     work = tmp_path / f"{name}.play"
     work.mkdir()
     extra = {"dest": str(dest), "rayrack_nfs_export": EXPORT, "rayrack_cluster_cidr": "10.213.1.0/24", **overrides}
-    run_play(work, inventory, PLAY, extra, {"ANSIBLE_FILTER_PLUGINS": f"{REPO}/roles/rayrack/filter_plugins"})
+    run_play(work, inventory, PLAY, extra, {})
     return dest
 
 

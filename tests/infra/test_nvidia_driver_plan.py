@@ -3,11 +3,11 @@
 import pytest
 import yaml
 
-from .conftest import ROLES, load_module
+from .conftest import FILTERS, ROLES, load_module
 
 ROLE = ROLES / "nvidia_driver"
-plan_mod = load_module(ROLE / "filter_plugins" / "nvidia_driver_plan.py", "nvidia_driver_plan")
-cuda_mod = load_module(ROLES / "cuda_toolkit" / "filter_plugins" / "cuda_toolkit.py", "cuda_toolkit_filters")
+plan_mod = load_module(FILTERS / "nvidia_driver_plan.py", "nvidia_driver_plan")
+cuda_mod = load_module(FILTERS / "cuda_toolkit.py", "cuda_toolkit_filters")
 plan, fabricmanager = plan_mod.nvidia_driver_plan, plan_mod.nvidia_driver_fabricmanager
 FilterError = plan_mod.AnsibleFilterError
 KERNEL = "6.8.0-45-generic"

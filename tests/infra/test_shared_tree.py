@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("rayrack_tree", REPO / "roles/rayrack/filter_plugins/rayrack_tree.py")
+_spec = importlib.util.spec_from_file_location("rayrack_tree", REPO / "plugins/filter/rayrack_tree.py")
 tree_rules = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tree_rules)
 

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from .conftest import ROLES, load_module
+from .conftest import FILTERS, ROLES, load_module
 
-tuning = load_module(ROLES / "network_tuning" / "filter_plugins" / "network_tuning.py", "network_tuning_filters")
-firewall = load_module(ROLES / "firewall" / "filter_plugins" / "firewall.py", "firewall_filters")
+tuning = load_module(FILTERS / "network_tuning.py", "network_tuning_filters")
+firewall = load_module(FILTERS / "firewall.py", "firewall_filters")
 evict = load_module(ROLES / "data_cache" / "files" / "rayrack-scratch-evict", "rayrack_scratch_evict")
 
 

@@ -77,7 +77,7 @@ def units(tmp_path_factory) -> Path:
         # resource name and the scratch limit.
         "rayrack_head_address": HOSTILE, "ray_node_ip": HOSTILE, "rayrack_ray_dashboard_host": HOSTILE,
         "ray_node_resources": RESOURCES, "_ray_node_accelerator_type": "", "data_cache_scratch_max_size": HOSTILE,
-    }, {"ANSIBLE_FILTER_PLUGINS": f"{ROLES}/rayrack/filter_plugins"})
+    }, {})
     return out
 
 

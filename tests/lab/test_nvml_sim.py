@@ -179,7 +179,7 @@ GPU_VALIDATE_PLAYBOOK = """
         mode: "0600"
       loop: "{{{{ faults }}}}"
     - name: Check the GPUs of each faulty scenario
-      gpu_validate:
+      rayrack.cluster.gpu_validate:
         profiles: {{}}
         dcgmi: ""
       environment:
@@ -188,7 +188,7 @@ GPU_VALIDATE_PLAYBOOK = """
       register: faulty
       failed_when: false
     - name: Check the GPUs of the node's own scenario
-      gpu_validate:
+      rayrack.cluster.gpu_validate:
         profiles: {{}}
         dcgmi: ""
       register: own
@@ -229,9 +229,7 @@ def test_gpu_validate_reads_nvml_on_a_worker_and_names_each_fault(tmp_path: Path
     playbook = tmp_path / "gpu_validate.yml"
     playbook.write_text(GPU_VALIDATE_PLAYBOOK.format(host=worker.name, faults=json.dumps(list(range(len(faults)))),
                                                      configs=tmp_path, fault_file=FAULT_FILE.format(n="{{ item }}")))
-    role = REPO / "roles" / "gpu_validate"
     env = dict(os.environ, ANSIBLE_CACHE_PLUGIN_CONNECTION=str(INVENTORY / ".facts"),
-               ANSIBLE_LIBRARY=str(role / "library"), ANSIBLE_MODULE_UTILS=str(role / "module_utils"),
                ANSIBLE_STDOUT_CALLBACK="json", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
     run = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(INVENTORY),
                           str(playbook)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

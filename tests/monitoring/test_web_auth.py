@@ -22,7 +22,7 @@ from rayrack.usage import PROMETHEUS_QUERIES, requests
 
 pytestmark = pytest.mark.promtool
 _SPEC = importlib.util.spec_from_file_location(
-    "rayrack_secrets", REPO / "roles" / "rayrack" / "filter_plugins" / "rayrack_secrets.py")
+    "rayrack_secrets", REPO / "plugins" / "filter" / "rayrack_secrets.py")
 assert _SPEC and _SPEC.loader
 FILTERS = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(FILTERS)

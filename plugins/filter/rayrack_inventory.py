@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-ROLES_DIR = Path(__file__).resolve().parents[2]
+ROLES_DIR = Path(__file__).resolve().parents[2] / "roles"
 try:
     from ray_agent.users import RESERVED_USER_NAMES, USER_NAME, parse_contact
 except ImportError:  # Ansible from outside the project's venv: the agent's source sits next to roles/

@@ -2,7 +2,7 @@
 """Ansible module: check a node's GPUs for self-consistency and against an expected profile, from NVML and
 nvidia-smi (and dcgmi when present).
 
-The parsers and checks are module_utils/rayrack_gpu_check.py (rayrack/gpu_check.py, also behind
+The parsers and checks are plugins/module_utils/rayrack_gpu_check.py (rayrack/gpu_check.py, also behind
 `rayrack gpu-check`); this module only runs them, writes the JSON report and turns error findings into a failed
 task with a readable table.
 """
@@ -13,7 +13,13 @@ import json
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.rayrack_gpu_check import NVML_MODES, check, empty_observation, observe, table
+from ansible_collections.rayrack.cluster.plugins.module_utils.rayrack_gpu_check import (
+    NVML_MODES,
+    check,
+    empty_observation,
+    observe,
+    table,
+)
 
 DOCUMENTATION = r"""
 module: gpu_validate

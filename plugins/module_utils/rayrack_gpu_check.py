@@ -1,0 +1,1 @@
+../../rayrack/gpu_check.py

@@ -1,1 +1,0 @@
-../../../rayrack/gpu_check.py
