@@ -15,8 +15,8 @@ Example (every key optional)::
       backend_retry_interval: 30s       # how often a failed GPU library is initialised again
     gpu:
       backend: nvml                     # nvml | fake
-      # fake_scenario: builtin:demo-8gpu  # fake only (and then required): a path relative to this file,
-                                          # or builtin:NAME for a scenario shipped with the agent
+      fake_scenario: null               # fake only (and then required): a path relative to this file,
+                                        # or builtin:NAME (builtin:demo-8gpu) for a scenario shipped with the agent
     host:
       proc_path: /proc
     attribution:
