@@ -10,7 +10,7 @@ import yaml
 
 from ray_agent.config import build_config, nest, settings
 
-from .conftest import REPO, ROLES, load_module, run_play
+from .conftest import REPO, ROLES, load_module, run_play, template_play
 
 inv = load_module(ROLES / "rayrack" / "filter_plugins" / "rayrack_inventory.py", "rayrack_inventory")
 ROLE = ROLES / "ray_agent"
@@ -54,19 +54,8 @@ def test_role_choices_are_role_variables():
     assert set(ROLE_CHOICES) <= set(DEFAULTS)
 
 
-PLAY = f"""
-- hosts: all
-  gather_facts: false
-  vars_files:
-    - {REPO}/roles/rayrack/vars/main.yml
-    - {ROLE}/vars/main.yml
-  tasks:
-    - ansible.builtin.template:
-        src: {ROLE}/templates/etc/rayrack/ray-agent.yml.j2
-        dest: "{{{{ dest }}}}/{{{{ inventory_hostname }}}}.yml"
-        mode: "0644"
-      delegate_to: localhost
-"""
+PLAY = template_play("all", "ray_agent", "etc/rayrack/ray-agent.yml.j2", "{{ dest }}/{{ inventory_hostname }}.yml",
+                     defaults=False)
 
 
 def test_the_role_writes_what_the_agent_accepts(tmp_path: Path):
