@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_agent.config import build_config, nest, settings
+from ray_agent.config import ConfigError, build_config, nest, settings
 
 from .conftest import REPO, ROLES, load_module, run_play, template_play
 
@@ -84,3 +84,11 @@ def test_the_role_writes_what_the_agent_accepts(tmp_path: Path):
     assert config.guard.notice_template is None and str(config.guard.webhook_url_file).endswith("webhook.url")
     assert (config.exporter.dcgm_compat, config.collection.call_timeout) == (True, 1.0)
     assert config.gpu.fake_scenario is not None and config.gpu.fake_scenario.name == "lab-2gpu.yml"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, spec in OPTIONS.items() if "choices" in spec))
+def test_spec_choices_are_the_values_the_agent_allows(name):
+    with pytest.raises(ConfigError) as err:
+        build_config(nest({inv.agent_setting(name): "no-such-value"}), local_files=False)
+    allowed = err.value.reason.split("allowed values: ", 1)[1].split(", ")
+    assert sorted(OPTIONS[name]["choices"]) == sorted(allowed), name
