@@ -15,8 +15,8 @@ Example (every key optional)::
       backend_retry_interval: 30s       # how often a failed GPU library is initialised again
     gpu:
       backend: nvml                     # nvml | fake
-      # fake_scenario: builtin:demo-8gpu  # fake only (and then required): a path relative to this file,
-                                          # or builtin:NAME for a scenario shipped with the agent
+      fake_scenario: null               # fake only (and then required): a path relative to this file,
+                                        # or builtin:NAME (builtin:demo-8gpu) for a scenario shipped with the agent
     host:
       proc_path: /proc
     attribution:
@@ -73,9 +73,9 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
@@ -90,6 +90,11 @@ BACKENDS = ("nvml", "fake")
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and what is allowed."""
+
+    def __init__(self, message: str, key: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.key = key  # the dotted path at fault, "" for the whole document
+        self.reason = reason or message  # the message without the source and the key
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +214,67 @@ class Config:
         return next((u for u in self.users if u.name == name), None)
 
 
+# --- the settings, from the dataclasses above -----------------------------------------------------
+
+
+def keys(cls: type) -> tuple[str, ...]:
+    """A section's allowed keys: the fields of its dataclass."""
+    return tuple(f.name for f in fields(cls))
+
+
+def _section(cls: type, name: str) -> type | None:
+    """The dataclass a key holds when it is a section of its own (web.tls, guard.stages), else None."""
+    hint = get_type_hints(cls)[name]
+    if get_origin(hint) is tuple:
+        return None  # a list of entries (users), one setting
+    return next((t for t in (hint, *get_args(hint)) if is_dataclass(t) and t is not ListenAddress), None)
+
+
+def settings(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every setting's dotted path -> its default (None for a file a section needs, such as web.tls.cert_file)."""
+    found: dict[str, Any] = {}
+    for f in fields(cls):
+        section = _section(cls, f.name)
+        if section is not None:
+            found.update(settings(section, f"{prefix}{f.name}."))
+        elif f.default is not MISSING:
+            found[prefix + f.name] = f.default
+        else:
+            found[prefix + f.name] = None if f.default_factory is MISSING else f.default_factory()
+    return found
+
+
+def _flat_names() -> dict[str, str]:
+    """A setting named in one word: SECTION_KEY (guard_window, guard_notify_after for guard.stages.notify_after),
+    or KEY alone where no other section has that key (call_timeout) -> its dotted path."""
+    paths = list(settings())
+    leaf = {path: path.rsplit(".", 1)[-1] for path in paths}
+    names = {f"{path.split('.')[0]}_{leaf[path]}" if "." in path else path: path for path in paths}
+    if len(names) != len(paths):
+        raise RuntimeError("two settings share a SECTION_KEY name")
+    for path in paths:
+        if "." in path and [leaf[p] for p in paths].count(leaf[path]) == 1:
+            names.setdefault(leaf[path], path)
+    return names
+
+
+SETTING_NAMES = _flat_names()
+
+
+def nest(dotted: Mapping[str, Any], document: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`document` (not changed) with each dotted key's value set at its path: {"guard.window": "1h"} gives
+    {"guard": {"window": "1h"}}."""
+    result = dict(document or {})
+    for path, value in dotted.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            current = result.get(head)
+            result[head] = nest({rest: value}, current if isinstance(current, Mapping) else None)
+        else:
+            result[head] = value
+    return result
+
+
 def parse_listen_address(text: str) -> ListenAddress:
     """HOST:PORT, [V6]:PORT, :PORT or HOST (default port)."""
     text = text.strip()
@@ -241,7 +307,8 @@ def parse_listen_address(text: str) -> ListenAddress:
 class _Reader:
     """Reads one section, naming keys by their dotted path in every error."""
 
-    def __init__(self, source: str, section: str, node: Any, allowed: tuple[str, ...]) -> None:
+    def __init__(self, source: str, section: str, node: Any, cls: type) -> None:
+        allowed = keys(cls)
         self.source = source
         self.section = section
         if node is None:
@@ -255,7 +322,7 @@ class _Reader:
 
     def error(self, key: str, message: str) -> ConfigError:
         path = ".".join(p for p in (self.section, key) if p)
-        return ConfigError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+        return ConfigError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}", path, message)
 
     def get(self, key: str, default: Any, parse: Callable[[Any], Any]) -> Any:
         if key not in self.node or self.node[key] is None:
@@ -348,47 +415,20 @@ def _url(value: Any) -> str:
     return value.rstrip("/")
 
 
-_SECTIONS = ("web", "collection", "gpu", "host", "attribution", "exporter", "guard", "users")
-_GUARD_KEYS = (
-    "enabled",
-    "dry_run",
-    "idle_threshold",
-    "signal",
-    "window",
-    "min_samples",
-    "max_gap",
-    "stages",
-    "webhook_url_file",
-    "webhook_url_env",
-    "webhook_retries",
-    "webhook_backoff",
-    "request_timeout",
-    "allow_users",
-    "allow_job_patterns",
-    "allow_processes",
-    "opt_out_metadata_key",
-    "notice_template",
-    "audit_log",
-    "state_file",
-)
-_STAGE_KEYS = ("notify_after", "stop_after", "kill_after", "kill_grace")
+def build_config(
+    document: Any, source: str = "<config>", base_dir: Path | None = None, local_files: bool = True
+) -> Config:
+    """Validate a parsed YAML document into a Config. Paths are resolved against `base_dir`.
 
-
-def build_config(document: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
-    """Validate a parsed YAML document into a Config. Paths are resolved against `base_dir`."""
+    local_files=False checks a node's configuration elsewhere (on the controller): its files are not looked for."""
     base_dir = base_dir or Path.cwd()
-    top = _Reader(source, "", document, _SECTIONS)
+    top = _Reader(source, "", document, Config)
 
-    web = _Reader(source, "web", top.node.get("web"), ("listen_address", "tls"))
-    listen = web.get("listen_address", ListenAddress(None, DEFAULT_PORT), _listen_from_yaml)
+    web = _Reader(source, "web", top.node.get("web"), WebConfig)
+    listen = web.get("listen_address", WebConfig().listen_address, _listen_from_yaml)
     tls = None
     if web.node.get("tls") is not None:
-        tls_reader = _Reader(
-            source,
-            "web.tls",
-            web.node["tls"],
-            ("cert_file", "key_file", "client_ca_file", "client_auth_required"),
-        )
+        tls_reader = _Reader(source, "web.tls", web.node["tls"], TlsConfig)
         cert = tls_reader.path("cert_file", base_dir)
         key = tls_reader.path("key_file", base_dir)
         if cert is None or key is None:
@@ -396,17 +436,12 @@ def build_config(document: Any, source: str = "<config>", base_dir: Path | None 
                 "cert_file" if cert is None else "key_file", "TLS needs both cert_file and key_file"
             )
         client_ca = tls_reader.path("client_ca_file", base_dir)
-        auth_required = tls_reader.boolean("client_auth_required", False)
+        auth_required = tls_reader.boolean("client_auth_required", settings(TlsConfig)["client_auth_required"])
         if auth_required and client_ca is None:
             raise tls_reader.error("client_auth_required", "needs client_ca_file to verify clients against")
         tls = TlsConfig(cert, key, client_ca, auth_required)
 
-    col = _Reader(
-        source,
-        "collection",
-        top.node.get("collection"),
-        ("interval", "call_timeout", "backend_retry_interval"),
-    )
+    col = _Reader(source, "collection", top.node.get("collection"), CollectionConfig)
     interval = col.duration("interval", CollectionConfig().interval, 0.05)
     call_timeout = col.duration("call_timeout", min(CollectionConfig().call_timeout, interval), 0.01)
     if call_timeout > interval:
@@ -415,8 +450,8 @@ def build_config(document: Any, source: str = "<config>", base_dir: Path | None 
         )
     retry = col.duration("backend_retry_interval", CollectionConfig().backend_retry_interval, 0.05)
 
-    gpu = _Reader(source, "gpu", top.node.get("gpu"), ("backend", "fake_scenario"))
-    backend = gpu.choice("backend", "nvml", BACKENDS)
+    gpu = _Reader(source, "gpu", top.node.get("gpu"), GpuConfig)
+    backend = gpu.choice("backend", GpuConfig().backend, BACKENDS)
     scenario_ref = gpu.string("fake_scenario", None)
     scenario = None
     if backend == "fake":
@@ -426,49 +461,34 @@ def build_config(document: Any, source: str = "<config>", base_dir: Path | None 
             scenario = resolve_scenario_path(scenario_ref, base_dir)
         except ScenarioError as err:
             raise gpu.error("fake_scenario", str(err)) from None
-        if not scenario.is_file():
+        if local_files and not scenario.is_file():
             raise gpu.error("fake_scenario", f"{scenario} does not exist")
     elif scenario_ref is not None:
         raise gpu.error("fake_scenario", "is only used when gpu.backend is fake")
 
-    host = _Reader(source, "host", top.node.get("host"), ("proc_path",))
+    host = _Reader(source, "host", top.node.get("host"), HostConfig)
     proc_path = host.path("proc_path", base_dir) or HostConfig().proc_path
 
-    att = _Reader(
-        source,
-        "attribution",
-        top.node.get("attribution"),
-        (
-            "enabled",
-            "dashboard_url",
-            "token_file",
-            "state_api",
-            "gateway_url",
-            "ca_file",
-            "ttl",
-            "request_timeout",
-            "node_ip",
-        ),
-    )
+    att = _Reader(source, "attribution", top.node.get("attribution"), AttributionConfig)
+    att_defaults = AttributionConfig()
     attribution = AttributionConfig(
-        enabled=att.boolean("enabled", True),
-        dashboard_url=att.get("dashboard_url", AttributionConfig().dashboard_url, _url),
+        enabled=att.boolean("enabled", att_defaults.enabled),
+        dashboard_url=att.get("dashboard_url", att_defaults.dashboard_url, _url),
         token_file=att.path("token_file", base_dir),
-        state_api=att.boolean("state_api", True),
-        gateway_url=att.get("gateway_url", None, _url),
+        state_api=att.boolean("state_api", att_defaults.state_api),
+        gateway_url=att.get("gateway_url", att_defaults.gateway_url, _url),
         ca_file=att.path("ca_file", base_dir),
-        ttl=att.duration("ttl", AttributionConfig().ttl, 0.1),
-        request_timeout=att.duration("request_timeout", AttributionConfig().request_timeout, 0.05),
-        node_ip=att.get("node_ip", None, _ip),
+        ttl=att.duration("ttl", att_defaults.ttl, 0.1),
+        request_timeout=att.duration("request_timeout", att_defaults.request_timeout, 0.05),
+        node_ip=att.get("node_ip", att_defaults.node_ip, _ip),
     )
 
-    exp = _Reader(
-        source, "exporter", top.node.get("exporter"), ("dcgm_compat", "hostname", "process_metrics")
-    )
+    exp = _Reader(source, "exporter", top.node.get("exporter"), ExporterConfig)
+    exp_defaults = ExporterConfig()
     exporter = ExporterConfig(
-        dcgm_compat=exp.boolean("dcgm_compat", False),
-        hostname=exp.string("hostname", None),
-        process_metrics=exp.boolean("process_metrics", True),
+        dcgm_compat=exp.boolean("dcgm_compat", exp_defaults.dcgm_compat),
+        hostname=exp.string("hostname", exp_defaults.hostname),
+        process_metrics=exp.boolean("process_metrics", exp_defaults.process_metrics),
     )
 
     guard = _guard_config(source, top.node.get("guard"), base_dir, interval)
@@ -490,10 +510,11 @@ def _users(source: str, node: Any) -> tuple[User, ...]:
     if node is None:
         return ()
     if not isinstance(node, list):
-        raise ConfigError(f"{source}: users: expected a list of {{name, contact, max_gpus}}, got {type(node).__name__}")
+        reason = f"expected a list of {{{', '.join(keys(User))}}}, got {type(node).__name__}"
+        raise ConfigError(f"{source}: users: {reason}", "users", reason)
     users: list[User] = []
     for index, entry in enumerate(node):
-        reader = _Reader(source, f"users[{index}]", entry, ("name", "contact", "max_gpus"))
+        reader = _Reader(source, f"users[{index}]", entry, User)
         name = reader.string("name", None)
         if name is None:
             raise reader.error("name", "is required")
@@ -519,13 +540,13 @@ def _max_gpus(value: Any) -> int:
 
 def _guard_config(source: str, node: Any, base_dir: Path, interval: float) -> GuardConfig:
     defaults = GuardConfig()
-    reader = _Reader(source, "guard", node, _GUARD_KEYS)
+    reader = _Reader(source, "guard", node, GuardConfig)
     window = reader.duration("window", defaults.window, 1.0)
     max_gap = reader.duration("max_gap", min(defaults.max_gap, window), interval)
     if max_gap > window:
         raise reader.error("max_gap", f"({max_gap:g}s) must not exceed guard.window ({window:g}s)")
 
-    stages_reader = _Reader(source, "guard.stages", reader.node.get("stages"), _STAGE_KEYS)
+    stages_reader = _Reader(source, "guard.stages", reader.node.get("stages"), GuardStages)
     stage_defaults = GuardStages()
     # An absent key keeps its default; an explicit null turns the stage off.
     notify_after = (
@@ -607,10 +628,4 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         document = loaded or {}
-    for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        current = document.get(section)
-        merged = dict(current) if isinstance(current, Mapping) else {}
-        merged[key] = value
-        document[section] = merged
-    return build_config(document, source, base_dir)
+    return build_config(nest(overrides or {}, document), source, base_dir)

@@ -29,5 +29,8 @@ class GpuState(enum.StrEnum):
     LOST = "lost"
 
 
+# The guard's settings that judge each GPU's state: they reach the agent whether or not the guard acts.
+STATE_SETTINGS = ("idle_threshold", "signal", "window", "min_samples", "max_gap")
+
 # NVML errors that mean the GPU itself is gone rather than a read that failed.
 LOST_ERRORS = frozenset({"GPU_IS_LOST"})

@@ -20,11 +20,15 @@ import yaml
 
 ROLES_DIR = Path(__file__).resolve().parents[2] / "roles"
 try:
+    from ray_agent import config as agent_config
+    from ray_agent.gpu_state import STATE_SETTINGS
     from ray_agent.users import RESERVED_USER_NAMES, USER_NAME, parse_contact
 except ImportError:  # Ansible from outside the project's venv: the agent's source sits next to roles/
     import sys
 
     sys.path.insert(0, str(ROLES_DIR.parent))
+    from ray_agent import config as agent_config
+    from ray_agent.gpu_state import STATE_SETTINGS
     from ray_agent.users import RESERVED_USER_NAMES, USER_NAME, parse_contact
 # The shared tree's rules, beside this file (Ansible does not put filter directories on sys.path).
 _tree_spec = importlib.util.spec_from_file_location("rayrack_tree", Path(__file__).with_name("rayrack_tree.py"))
@@ -582,7 +586,8 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
             value, _ = _resolve(host_vars, key) if key in host_vars else (None, None)
             if isinstance(value, str) and "%" in value:
                 errors.append(_scope_id_error(host, key, value))
-        for error in _insecure_errors(host_vars, specs) + _port_errors(host_vars, specs):
+        agent = agent_config_errors(host_vars, specs) if host in heads + workers else []
+        for error in _insecure_errors(host_vars, specs) + _port_errors(host_vars, specs) + agent:
             per_host.setdefault(error, []).append(host)
     for error, hosts in per_host.items():
         errors.append(f"{error} (on {', '.join(hosts)})")
@@ -657,6 +662,69 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
     return list(dict.fromkeys(errors))  # a node's address is read twice: by its own name and as a Ray node
 
 
+AGENT_PREFIX = "ray_agent_"
+# The ray_agent role's variables that are none of the agent's settings: the role derives settings from them.
+AGENT_ROLE_VARIABLES = frozenset({"ray_agent_listen_host", "ray_agent_guard_webhook_url", "ray_agent_extra_config"})
+
+
+def agent_setting(name: str) -> str | None:
+    """The agent's setting (dotted path) a ray_agent_* variable sets: ray_agent_ and one of
+    ray_agent.config.SETTING_NAMES (ray_agent_guard_window: guard.window); None for any other name."""
+    return agent_config.SETTING_NAMES.get(name.removeprefix(AGENT_PREFIX)) if name.startswith(AGENT_PREFIX) else None
+
+
+def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        current = merged.get(key)
+        merged[key] = _merge(current, value) if isinstance(current, Mapping) and isinstance(value, Mapping) else value
+    return merged
+
+
+def rayrack_agent_config(variables: Mapping[str, Any], derived: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The agent's configuration file: each ray_agent_* variable that names a setting (agent_setting), then the
+    settings the role derives (dotted paths), then ray_agent_extra_config over all. An empty string is the agent's
+    default; a section that is off (enabled: false) holds only what the agent reads of it still, and the scenario
+    only the fake backend."""
+    flat = {path: None if value == "" else value for name, value in variables.items()
+            if (path := agent_setting(name)) is not None}
+    flat.update(derived or {})
+    # A section that is off keeps only what the agent still reads: the guard's settings judge each GPU's state.
+    kept = {"attribution": ("enabled",), "guard": ("enabled", *STATE_SETTINGS)}
+    for section, keys in kept.items():
+        if flat.get(f"{section}.enabled") is False:
+            flat = {path: value for path, value in flat.items() if not path.startswith(f"{section}.")
+                    or path.split(".", 1)[1] in keys}
+    if flat.get("gpu.backend", agent_config.GpuConfig().backend) != "fake":
+        flat.pop("gpu.fake_scenario", None)
+    return _merge(agent_config.nest(flat), variables.get(f"{AGENT_PREFIX}extra_config") or {})
+
+
+def _flatten(document: Mapping[str, Any], prefix: str = "") -> set[str]:
+    paths = set()
+    for key, value in document.items():
+        paths.add(prefix + str(key))
+        if isinstance(value, Mapping):
+            paths |= _flatten(value, f"{prefix}{key}.")
+    return paths
+
+
+def agent_config_errors(host_vars: Mapping[str, Any], specs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The agent's own validation of the configuration the ray_agent role would write for a host, its files apart
+    (they are on the node): the error names the variable that sets the key at fault."""
+    variables = {name: _setting(host_vars, specs, name) for name, spec in specs.items() if spec["role"] == "ray_agent"}
+    try:
+        agent_config.build_config(rayrack_agent_config(variables), "ray-agent.yml", local_files=False)
+    except agent_config.ConfigError as err:
+        extra = variables.get(f"{AGENT_PREFIX}extra_config") or {}
+        if err.key in _flatten(extra):
+            return [f"{AGENT_PREFIX}extra_config: {err.key}: {err.reason}"]
+        names = [name for name in variables if agent_setting(name) == err.key]
+        where = f"{names[0]} (the agent's {err.key})" if names else f"the agent's {err.key or 'configuration'}"
+        return [f"{where}: {err.reason}"]
+    return []
+
+
 def rayrack_node_addresses(groups: Mapping[str, Iterable[str]], hostvars: Mapping[str, Mapping[str, Any]]
                            ) -> dict[str, str]:
     """Ray node inventory name -> the IP Ray uses for it (head first). Assumes a validated inventory."""
@@ -725,4 +793,4 @@ class FilterModule:
         return {"rayrack_inventory_errors": rayrack_inventory_errors, "rayrack_node_addresses": rayrack_node_addresses,
                 "rayrack_is_loopback": rayrack_is_loopback, "rayrack_local_address": rayrack_local_address,
                 "rayrack_alive_node_ips": rayrack_alive_node_ips, "rayrack_gpu_workers": rayrack_gpu_workers,
-                "rayrack_cert_sans": rayrack_cert_sans}
+                "rayrack_cert_sans": rayrack_cert_sans, "rayrack_agent_config": rayrack_agent_config}

@@ -17,7 +17,7 @@ service will find them (systemd's LoadCredential= puts them under /run/credentia
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,6 @@ import yaml
 from ray_agent.config import ConfigError, _Reader, _url
 from ray_agent.units import parse_duration
 
-_KEYS = (
-    "listen_host",
-    "listen_port",
-    "tls_cert_file",
-    "tls_key_file",
-    "upstream_url",
-    "upstream_token_file",
-    "users_file",
-    "request_timeout",
-)
-_REQUIRED = _KEYS[:-1]
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
 
@@ -56,10 +45,14 @@ class GatewayConfig:
         return self.tls_cert_file is not None
 
 
+# Every key without a default must be given, null where it does not apply.
+_REQUIRED = tuple(f.name for f in fields(GatewayConfig) if f.default is MISSING)
+
+
 def build_config(document: Any, source: str = "<config>", base_dir: Path | None = None) -> GatewayConfig:
     """Validate a parsed YAML document. Relative paths are resolved against `base_dir`."""
     base_dir = base_dir or Path.cwd()
-    reader = _Reader(source, "", document, _KEYS)
+    reader = _Reader(source, "", document, GatewayConfig)
     missing = [key for key in _REQUIRED if key not in reader.node]
     if missing:
         # null is a value (plain HTTP, no Ray token); an absent key is a mistake.

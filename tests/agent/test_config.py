@@ -12,12 +12,17 @@ from hypothesis import strategies as st
 from agent.support import SCENARIOS
 from ray_agent.config import (
     DEFAULT_PORT,
+    SETTING_NAMES,
     Config,
     ConfigError,
+    GuardConfig,
     ListenAddress,
     build_config,
+    keys,
     load_config,
+    nest,
     parse_listen_address,
+    settings,
 )
 from ray_agent.users import Contact, parse_contact
 
@@ -31,10 +36,7 @@ def test_defaults() -> None:
 
 
 def test_full_example_from_the_docstring(tmp_path: Path) -> None:
-    import ray_agent.config as module
-
-    example = module.__doc__.split("Example (every key optional)::", 1)[1]
-    document = yaml.safe_load("\n".join(line[4:] for line in example.splitlines()))
+    document = _example()
     (tmp_path / "tls.crt").write_text("x")
     config = build_config(document, "example.yml", tmp_path)
     assert config.web.listen_address == ListenAddress("10.0.0.5", 9489)
@@ -179,3 +181,93 @@ def test_listen_address_round_trip(host: str, port: int) -> None:
 def test_bad_listen_addresses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_listen_address(text)
+
+
+def _example() -> dict:
+    import ray_agent.config as module
+
+    example = module.__doc__.split("Example (every key optional)::", 1)[1]
+    return yaml.safe_load("\n".join(line[4:] for line in example.splitlines()))
+
+
+def _paths(document: dict, prefix: str = "") -> set[str]:
+    found = set()
+    for key, value in document.items():
+        if isinstance(value, dict):
+            found |= _paths(value, f"{prefix}{key}.")
+        else:
+            found.add(prefix + key)
+    return found
+
+
+def test_the_docstring_example_shows_every_setting_of_the_dataclasses() -> None:
+    assert _paths(_example()) == set(settings())
+
+
+def test_allowed_keys_are_the_dataclass_fields() -> None:
+    # A field added to the dataclass is allowed at once: its slots are its fields.
+    assert keys(GuardConfig) == GuardConfig.__slots__ and "state_file" in keys(GuardConfig)
+    with pytest.raises(ConfigError) as err:
+        build_config({"guard": {"windw": "1h"}})
+    assert str(err.value) == f"<config>: guard.windw: unknown key; allowed keys: {', '.join(GuardConfig.__slots__)}"
+    assert (err.value.key, err.value.reason.split(";")[0]) == ("guard.windw", "unknown key")
+
+
+def test_every_setting_has_its_dataclass_default() -> None:
+    defaults = settings()
+    assert defaults["collection.interval"] == Config().collection.interval == 5.0
+    assert defaults["guard.stages.notify_after"] == 0.0 and defaults["web.tls.cert_file"] is None
+    assert defaults["users"] == () and "web.tls" not in defaults
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("guard_window", "guard.window"),
+        ("guard_notify_after", "guard.stages.notify_after"),
+        ("call_timeout", "collection.call_timeout"),
+        ("collection_call_timeout", "collection.call_timeout"),
+        ("dcgm_compat", "exporter.dcgm_compat"),
+        ("users", "users"),
+    ],
+)
+def test_settings_named_in_one_word(name: str, path: str) -> None:
+    assert SETTING_NAMES[name] == path
+
+
+def test_a_key_two_sections_have_needs_its_section() -> None:
+    assert "enabled" not in SETTING_NAMES and "request_timeout" not in SETTING_NAMES
+    assert SETTING_NAMES["guard_request_timeout"] == "guard.request_timeout"
+
+
+def test_nest_sets_dotted_paths_without_changing_the_document() -> None:
+    document = {"guard": {"window": "1h"}}
+    assert nest({"guard.stages.kill_after": "2h", "users": []}, document) == {
+        "guard": {"window": "1h", "stages": {"kill_after": "2h"}},
+        "users": [],
+    }
+    assert document == {"guard": {"window": "1h"}}
+
+
+def test_flags_override_nested_sections(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yml"
+    path.write_text("guard: {stages: {kill_after: 2h, kill_grace: 10s}}\n")
+    config = load_config(path, {"guard.stages.kill_after": "3h"})
+    assert (config.guard.stages.kill_after, config.guard.stages.kill_grace) == (10800.0, 10.0)
+
+
+def test_call_timeout_over_interval_names_the_key() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({"collection": {"interval": "5s", "call_timeout": "10s"}}, "ray-agent.yml")
+    assert err.value.key == "collection.call_timeout"
+    assert err.value.reason == "(10s) must not exceed collection.interval (5s)"
+    assert str(err.value) == "ray-agent.yml: collection.call_timeout: (10s) must not exceed collection.interval (5s)"
+
+
+def test_a_node_scenario_path_is_checked_only_where_its_files_are(tmp_path: Path) -> None:
+    document = {"gpu": {"backend": "fake", "fake_scenario": "/srv/scenarios/a.yml"}}
+    with pytest.raises(ConfigError, match=r"gpu\.fake_scenario: /srv/scenarios/a\.yml does not exist"):
+        build_config(document, base_dir=tmp_path)
+    assert str(build_config(document, local_files=False).gpu.fake_scenario) == "/srv/scenarios/a.yml"
+    with pytest.raises(ConfigError, match=r"gpu\.fake_scenario: "):
+        build_config({"gpu": {"backend": "fake", "fake_scenario": "builtin:no-such"}}, local_files=False)

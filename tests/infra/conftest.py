@@ -40,3 +40,13 @@ def run_play(directory: Path, inventory: Mapping, play: str, extra_vars: Mapping
              "ANSIBLE_LOCALHOST_WARNING": "0", **env})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     return result
+
+
+def template_play(hosts: str, role: str, template: str, dest: str = "{{ dest }}", defaults: bool = True) -> str:
+    """A play rendering ROLE's TEMPLATE on the controller for HOSTS, with the rayrack and ROLE defaults (unless the
+    inventory carries them: defaults=False) and vars, as the role would; DEST may use the play's variables."""
+    parts = ("defaults", "vars") if defaults else ("vars",)
+    files = [f"{ROLES}/{name}/{part}/main.yml" for name in ("rayrack", role) for part in parts]
+    return json.dumps([{"hosts": hosts, "gather_facts": False, "vars_files": files, "tasks": [
+        {"ansible.builtin.template": {"src": f"{ROLES}/{role}/templates/{template}", "dest": dest, "mode": "0644"},
+         "delegate_to": "localhost"}]}])

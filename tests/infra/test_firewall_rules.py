@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import required
 
-from .conftest import run_play
+from .conftest import run_play, template_play
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = REPO / "roles"
@@ -25,21 +25,7 @@ HOSTS = {
     "worker1": {"ansible_host": "192.0.2.11", "ray_node_ip": "10.20.0.11"},
     "worker2": {"ansible_host": "worker2.mgmt.example.org", "ray_node_ip": "10.20.0.12"},
 }
-PLAY = f"""
-- hosts: "{{{{ firewall_render_host | default('worker1') }}}}"
-  gather_facts: false
-  vars_files:
-    - {ROLES}/rayrack/defaults/main.yml
-    - {ROLES}/rayrack/vars/main.yml
-    - {ROLES}/firewall/defaults/main.yml
-    - {ROLES}/firewall/vars/main.yml
-  tasks:
-    - ansible.builtin.template:
-        src: {ROLES}/firewall/templates/etc/nftables.d/rayrack.nft.j2
-        dest: "{{{{ dest }}}}"
-        mode: "0644"
-      delegate_to: localhost
-"""
+PLAY = template_play("{{ firewall_render_host | default('worker1') }}", "firewall", "etc/nftables.d/rayrack.nft.j2")
 
 
 def render(tmp_path: Path, monitoring: dict | None = None, nfs_server: str | None = None, **settings: object) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import required
 
-from .conftest import run_play
+from .conftest import run_play, template_play
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = REPO / "roles"
@@ -18,21 +18,7 @@ pytestmark = pytest.mark.slow
 # systemd-analyze's exposure score, 0 (locked down) to 10; the project's ceiling for its units.
 MAX_EXPOSURE = 4.5
 
-PLAY = f"""
-- hosts: head
-  gather_facts: false
-  vars_files:
-    - {ROLES}/rayrack/defaults/main.yml
-    - {ROLES}/rayrack/vars/main.yml
-    - {ROLES}/ray_gateway/defaults/main.yml
-    - {ROLES}/ray_gateway/vars/main.yml
-  tasks:
-    - ansible.builtin.template:
-        src: {ROLES}/ray_gateway/templates/etc/systemd/system/rayrack-gateway.service.j2
-        dest: "{{{{ dest }}}}"
-        mode: "0644"
-      delegate_to: localhost
-"""
+PLAY = template_play("head", "ray_gateway", "etc/systemd/system/rayrack-gateway.service.j2")
 
 
 @pytest.fixture(scope="module")

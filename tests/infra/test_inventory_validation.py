@@ -306,6 +306,15 @@ def test_a_boolean_from_e_key_value_is_refused_showing_the_form_that_works(tmp_p
     assert rc == 0, failure_message(report)
 
 
+def test_validate_play_runs_the_agents_validation_before_any_host_changes(tmp_path):
+    inventory = write_inventory(tmp_path, {"head": GOOD_NODE}, {"worker1": {"ray_node_ip": "10.0.0.11"}})
+    rc, report = run_playbook(inventory, "playbooks/validate.yml", "-e", '{"ray_agent_call_timeout": "10s"}')
+    assert rc != 0
+    assert ("ray_agent_call_timeout (the agent's collection.call_timeout): (10s) must not exceed "
+            "collection.interval (5s) (on head, worker1)") in failure_message(report)
+    assert set(report["stats"]) == {"localhost"}
+
+
 def test_shipped_example_inventory_is_valid(tmp_path):
     env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
                ANSIBLE_CACHE_PLUGIN_CONNECTION=str(tmp_path / ".facts"))
@@ -314,6 +323,35 @@ def test_shipped_example_inventory_is_valid(tmp_path):
     report = json.loads(result.stdout)
     assert result.returncode == 0, failure_message(report)
     assert set(report["stats"]) == {"localhost"}
+
+
+def test_the_agents_own_rules_name_the_variable():
+    groups, hostvars = cluster(worker1={"ray_agent_call_timeout": "10s"})
+    assert errors(groups, hostvars) == [
+        "ray_agent_call_timeout (the agent's collection.call_timeout): (10s) must not exceed collection.interval "
+        "(5s) (on worker1)"]
+    stages = {"ray_agent_guard_enabled": True, "ray_agent_guard_stop_after": "1h", "ray_agent_guard_kill_after": "30m"}
+    groups, hostvars = cluster(head=stages)
+    assert errors(groups, hostvars) == [
+        "ray_agent_guard_kill_after (the agent's guard.stages.kill_after): (1800s) must not be earlier than "
+        "stop_after (3600s) (on head)"]
+
+
+def test_the_agents_rules_cover_its_extra_config():
+    extra = {"ray_agent_guard_enabled": True, "ray_agent_extra_config": {"guard": {"max_gap": "2h"}}}
+    groups, hostvars = cluster(worker2=extra)
+    assert errors(groups, hostvars) == [
+        "ray_agent_extra_config: guard.max_gap: (7200s) must not exceed guard.window (1800s) (on worker2)"]
+    groups, hostvars = cluster(worker2={"ray_agent_extra_config": {"exporter": {"dcgm": True}}})
+    assert errors(groups, hostvars) == [
+        "ray_agent_extra_config: exporter.dcgm: unknown key; allowed keys: dcgm_compat, hostname, process_metrics "
+        "(on worker2)"]
+
+
+def test_the_guard_off_writes_none_of_its_settings():
+    stages = {"ray_agent_guard_stop_after": "1h", "ray_agent_guard_kill_after": "30m"}
+    assert errors(*cluster(worker1=stages)) == []
+    assert errors(*cluster(worker1={**stages, "ray_agent_guard_enabled": True})) != []
 
 
 def test_guard_stop_needs_a_reachable_jobs_api():

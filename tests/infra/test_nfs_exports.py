@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import required
 
-from .conftest import run_play
+from .conftest import run_play, template_play
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))
 import lab as labtool
@@ -22,7 +22,6 @@ import lab as labtool
 pytestmark = pytest.mark.slow
 
 REPO = labtool.REPO
-ROLE = REPO / "roles" / "nfs_server"
 EXPORT = "/srv/rayrack-shared"
 CHECK = f"""\
 set -e
@@ -41,20 +40,7 @@ done
 
 # Nodes in a cluster network that also holds machines that are not nodes: only the nodes may mount.
 NODES = {"head": "10.213.1.10", "worker1": "10.213.1.11"}
-PLAY = f"""
-- hosts: head
-  gather_facts: false
-  vars_files:
-    - {REPO}/roles/rayrack/defaults/main.yml
-    - {ROLE}/defaults/main.yml
-    - {ROLE}/vars/main.yml
-  tasks:
-    - ansible.builtin.template:
-        src: {ROLE}/templates/etc/exports.j2
-        dest: "{{{{ dest }}}}"
-        mode: "0644"
-      delegate_to: localhost
-"""
+PLAY = template_play("head", "nfs_server", "etc/exports.j2")
 
 
 def render(tmp_path: Path, name: str, **overrides: object) -> Path:
