@@ -32,7 +32,6 @@ from ray_agent.gpu.base import GpuBackend
 from ray_agent.gpu.fake import FakeBackend, ScenarioError, load_scenario
 from ray_agent.guard import GpuStates, Guard, describe_stages
 from ray_agent.guard.tracker import Tracker
-from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler, Snapshot
 from ray_agent.server import ListenError, MetricsServer, default_route_address
 
@@ -53,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ray-agent",
-        description="GPU and host metrics exporter for rayrack nodes.",
+        description="GPU metrics exporter for rayrack nodes (host metrics are node_exporter's).",
         epilog="`ray-agent nvml-sim compile SCENARIO OUT` compiles a scenario for the simulated libnvidia-ml "
         "(see `ray-agent nvml-sim --help`).",
         allow_abbrev=False,
@@ -143,7 +142,7 @@ def build_agent(config: Config, clock: Clock | None = None, host: str | None = N
         host = config.web.listen_address.host or default_route_address()
     backend = build_backend(config, clock)
     attribution = Attribution(config.attribution, node_ip=host, proc_path=config.host.proc_path, clock=clock)
-    sampler = Sampler(backend, HostReader(config.host.proc_path), attribution, config.collection, clock)
+    sampler = Sampler(backend, attribution, config.collection, clock)
     registry = CollectorRegistry(auto_describe=False)
     stale_after = 3 * config.collection.interval + 2 * config.collection.call_timeout
     registry.register(SnapshotCollector(sampler.latest, config.exporter, stale_after, clock, config.users))
@@ -312,19 +311,6 @@ def render_check(snapshot: Snapshot, attribution_enabled: bool, out: TextIO) -> 
                 f"{'  ' + ray if ray else ''}\n"
             )
 
-    host = snapshot.host
-    if host is None:
-        ok = False
-        out.write("Host         DOWN, /proc unreadable\n")
-    else:
-        cpu = sum(seconds for _, seconds in host.cpu_seconds)
-        out.write(
-            f"Host         memory {_fmt(host.memory_available_bytes, '', 2**30, 1)}"
-            f"/{_fmt(host.memory_total_bytes, ' GiB', 2**30, 1)} available, "
-            f"swap {_fmt(host.swap_free_bytes, '', 2**30, 1)}"
-            f"/{_fmt(host.swap_total_bytes, ' GiB', 2**30, 1)} free, "
-            f"cpu {cpu:.0f} s total\n"
-        )
     attribution = snapshot.collectors.get("attribution")
     if not attribution_enabled:
         out.write("Attribution  disabled\n")

@@ -3,6 +3,17 @@
 `collect()` builds fresh families from the latest snapshot on every scrape; nothing here is a long-lived
 gauge, and nothing here calls the GPU backend. A field missing from a sample is simply not exported.
 
+Host metrics are node_exporter's (job ``node``, on every Ray node, labelled with the same ``node``): memory
+and swap (``node_memory_*``), CPU time (``node_cpu_seconds_total``), load, filesystems and network. The agent
+exports none of them. It keeps only what node_exporter cannot see, because it needs NVML, Ray or the guard:
+
+- each GPU's readings, health and errors (``rayrack_gpu_*``, and dcgm-exporter's names when asked);
+- the processes on each GPU with their Linux user, Ray job, actor and task, and each user's GPUs and limit
+  (``rayrack_gpu_process*``, ``rayrack_job_info``, ``rayrack_user_*``): node_exporter has no per-process
+  series, and none tied to a Ray job;
+- the GPU states and the idle guard's (``rayrack_gpu_state``, ``rayrack_gpu_idle_*``, ``rayrack_guard_*``);
+- the agent's own health (``rayrack_up``, ``rayrack_collector_*``, ``rayrack_gpu_backend_*``).
+
 ``rayrack_gpu_state{gpu, uuid, state}`` is each GPU's state, one-hot over busy, idle_held, free, unknown and
 lost, as :mod:`ray_agent.gpu_state` defines them from the guard's settings; it is exported whether or not the
 guard is enabled, with ``rayrack_gpu_idle_run_seconds`` (the idle clock) and
@@ -435,7 +446,6 @@ class SnapshotCollector(Collector):
             self._gpu_families(snapshot),
             self._gpm_families(snapshot),
             self._process_families(snapshot),
-            self._host_families(snapshot),
         ]
         if self._config.dcgm_compat:
             groups.append(self._dcgm_families(snapshot))
@@ -638,29 +648,6 @@ class SnapshotCollector(Collector):
         for job_id, submission_id, user in sorted(jobs):
             job_info.add_metric([job_id, submission_id, user], 1.0)
         yield job_info
-
-    @staticmethod
-    def _host_families(snapshot: Snapshot) -> Iterator[Metric]:
-        host = snapshot.host
-        if host is None:
-            return
-        for name, documentation, value in (
-            ("host_memory_total_bytes", "Physical memory.", host.memory_total_bytes),
-            (
-                "host_memory_available_bytes",
-                "Memory available for new work without swapping.",
-                host.memory_available_bytes,
-            ),
-            ("host_swap_total_bytes", "Swap space.", host.swap_total_bytes),
-            ("host_swap_free_bytes", "Unused swap space.", host.swap_free_bytes),
-        ):
-            family = _gauge(name, documentation)
-            family.add_metric([], value)
-            yield family
-        cpu = _counter("host_cpu_seconds", "CPU time spent in each mode, summed over all CPUs.", ["mode"])
-        for mode, seconds in host.cpu_seconds:
-            cpu.add_metric([mode], seconds)
-        yield cpu
 
     @staticmethod
     def _gpm_families(snapshot: Snapshot) -> Iterator[Metric]:

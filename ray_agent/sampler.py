@@ -1,4 +1,4 @@
-"""Background collection: GPU backend, host and attribution -> one immutable Snapshot per interval.
+"""Background collection: GPU backend and attribution -> one immutable Snapshot per interval.
 
 Every backend call runs in a worker thread ("lane") and is waited on for at most `call_timeout`. Each GPU
 has its own lane, so a GPU whose call hangs is reported down (DEADLINE_EXCEEDED) while the others are
@@ -31,14 +31,12 @@ from ray_agent.gpu.base import (
     GpuError,
     GpuSample,
 )
-from ray_agent.host import HostReader, HostReadError, HostSample
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 COLLECTOR_GPU = "gpu"
-COLLECTOR_HOST = "host"
 COLLECTOR_ATTRIBUTION = "attribution"
 # Name for failures that are bugs or surprises rather than NVML errors; the exception is logged.
 AGENT_ERROR = "AGENT_ERROR"
@@ -96,7 +94,6 @@ class Snapshot:
     backend: BackendStatus
     gpus: tuple[GpuStatus, ...]
     processes: tuple[ProcessEntry, ...]
-    host: HostSample | None
     collectors: Mapping[str, CollectorStatus]
     gpu_read_errors_total: Mapping[tuple[int, str], int]  # (gpu, error) -> count
     field_errors_total: Mapping[tuple[int, str, str], int]  # (gpu, field, error) -> count
@@ -155,13 +152,11 @@ class Sampler:
     def __init__(
         self,
         backend: GpuBackend,
-        host_reader: HostReader | None,
         attribution: Attribution | None,
         config: CollectionConfig,
         clock: Clock | None = None,
     ) -> None:
         self.backend = backend
-        self.host_reader = host_reader
         self.attribution = attribution
         self.config = config
         self._clock = clock or SystemClock()
@@ -246,17 +241,6 @@ class Sampler:
             gpu_ok = self._backend_info is not None and all(g.up for g in gpus)
             collectors[COLLECTOR_GPU] = CollectorStatus(gpu_ok, self._clock.monotonic() - started)
 
-            host = None
-            if self.host_reader is not None:
-                started = self._clock.monotonic()
-                try:
-                    host = self.host_reader.read()
-                except HostReadError as err:
-                    log.warning("host metrics unavailable: %s", err)
-                collectors[COLLECTOR_HOST] = CollectorStatus(
-                    host is not None, self._clock.monotonic() - started
-                )
-
             if (
                 self.attribution is not None
                 and self.attribution.enabled
@@ -279,7 +263,6 @@ class Sampler:
                 ),
                 gpus=gpus,
                 processes=self._processes(gpus),
-                host=host,
                 collectors=MappingProxyType(collectors),
                 gpu_read_errors_total=MappingProxyType(dict(self._gpu_read_errors)),
                 field_errors_total=MappingProxyType(dict(self._field_errors)),

@@ -159,6 +159,21 @@ USER = variable("user", "User", "label_values(rayrack_gpu_owner_share, user)")
 GPU_HOURS = "sum_over_time({series}[$__range:1m]) / 60"
 
 
+# Host series are node_exporter's, from its scrape job `node`, whose targets carry the agent's `node` label; the
+# agent exports none.
+NODE_EXPORTER = "node_exporter's series (job node)."
+NOT_IDLE = 'mode!="idle"'
+NOT_LOOPBACK = 'device!="lo"'
+LOCAL_FILESYSTEMS = 'fstype!~"tmpfs|ramfs|overlay|squashfs"'
+
+
+def host(metric: str, *matchers: str) -> str:
+    return metric + "{" + ", ".join(['job="node"', *matchers]) + "}"
+
+
+HOST_MEMORY_AVAILABLE = "node:node_memory_available:ratio"
+
+
 def cluster_overview() -> dict[str, Any]:
     gpus = "cluster:rayrack_gpus:count"
     return dashboard(
@@ -198,14 +213,14 @@ def cluster_overview() -> dict[str, Any]:
                  description="Nodes in Ray's own list whose metrics answer."),
             stat("Ray head", 'max(up{job="ray", ray_node_role="head"})', width=6,
                  description="1 when the head's Ray metrics answer."),
-            stat("Host memory available (lowest)", "min(node:rayrack_host_memory_available:ratio)",
-                 "percentunit", width=6),
-            series("Host memory available", [target("node:rayrack_host_memory_available:ratio", "{{node}}")],
-                   "percentunit"),
+            stat("Host memory available (lowest)", f"min({HOST_MEMORY_AVAILABLE})", "percentunit", width=6,
+                 description=NODE_EXPORTER),
+            series("Host memory available", [target(HOST_MEMORY_AVAILABLE, "{{node}}")], "percentunit",
+                   NODE_EXPORTER),
             series("Host CPU busy", [target(
-                'sum by (node) (rate(rayrack_host_cpu_seconds_total{mode!="idle"}[$__rate_interval]))'
-                ' / sum by (node) (rate(rayrack_host_cpu_seconds_total[$__rate_interval]))', "{{node}}")],
-                "percentunit"),
+                f'sum by (node) (rate({host("node_cpu_seconds_total", NOT_IDLE)}[$__rate_interval]))'
+                f' / sum by (node) (rate({host("node_cpu_seconds_total")}[$__rate_interval]))', "{{node}}")],
+                "percentunit", NODE_EXPORTER),
         ],
     )
 
@@ -215,26 +230,27 @@ def node_detail() -> dict[str, Any]:
     return dashboard(
         "rayrack-node",
         "rayrack / Node detail",
-        "One node (or several): host memory and CPU, node_exporter's disk and network, and its GPUs.",
+        "One node (or several): its host (node_exporter's memory, CPU, disk and network) and its GPUs.",
         [
             row("Host"),
             series("Memory", [
-                target(f"rayrack_host_memory_total_bytes{{{node}}}", "{{node}} total"),
-                target(f"rayrack_host_memory_available_bytes{{{node}}}", "{{node}} available"),
-            ], "bytes", width=8),
+                target(host("node_memory_MemTotal_bytes", node), "{{node}} total"),
+                target(host("node_memory_MemAvailable_bytes", node), "{{node}} available"),
+            ], "bytes", NODE_EXPORTER, width=8),
             series("Swap used", [target(
-                f"rayrack_host_swap_total_bytes{{{node}}} - rayrack_host_swap_free_bytes{{{node}}}", "{{node}}")],
-                "bytes", width=8),
+                f'{host("node_memory_SwapTotal_bytes", node)} - {host("node_memory_SwapFree_bytes", node)}',
+                "{{node}}")], "bytes", NODE_EXPORTER, width=8),
             series("CPU by mode", [target(
-                f"sum by (node, mode) (rate(rayrack_host_cpu_seconds_total{{{node}}}[$__rate_interval]))",
-                "{{node}} {{mode}}")], "s", "CPU-seconds per second, summed over the node's CPUs.", width=8),
-            series("Load", [target(f'node_load1{{job="node", {node}}}', "{{node}}")], width=8),
+                f'sum by (node, mode) (rate({host("node_cpu_seconds_total", node)}[$__rate_interval]))',
+                "{{node}} {{mode}}")], "s", "CPU-seconds per second, summed over the node's CPUs (node_exporter).",
+                width=8),
+            series("Load", [target(host("node_load1", node), "{{node}}")], description=NODE_EXPORTER, width=8),
             series("Filesystem space free", [target(
-                f'node_filesystem_avail_bytes{{job="node", {node}, fstype!~"tmpfs|ramfs|overlay|squashfs"}}',
-                "{{node}} {{mountpoint}}")], "bytes", width=8),
+                host("node_filesystem_avail_bytes", node, LOCAL_FILESYSTEMS),
+                "{{node}} {{mountpoint}}")], "bytes", NODE_EXPORTER, width=8),
             series("Network received", [target(
-                f'sum by (node) (rate(node_network_receive_bytes_total{{job="node", {node}, device!="lo"}}'
-                "[$__rate_interval]))", "{{node}}")], "Bps", width=8),
+                f'sum by (node) (rate({host("node_network_receive_bytes_total", node, NOT_LOOPBACK)}'
+                "[$__rate_interval]))", "{{node}}")], "Bps", NODE_EXPORTER, width=8),
             row("GPUs"),
             series("GPU utilisation", [target(f"rayrack_gpu_utilization_ratio{{{node}}}", "{{node}} GPU {{gpu}}")],
                    "percentunit"),

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from agent.support import PROC_FIXTURE, SCENARIOS, LocalServer, QuietHandler
+from agent.support import SCENARIOS, LocalServer, QuietHandler
 from ray_agent.attribution import Attribution
 from ray_agent.clock import FakeClock
 from ray_agent.config import AttributionConfig, CollectionConfig, GuardConfig, GuardStages
 from ray_agent.gpu.fake import FakeBackend, load_scenario
 from ray_agent.guard.tracker import Escalation, Observation, Tracker
-from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler
 
 NODE_IP = "127.0.0.1"
@@ -53,7 +52,6 @@ def scenario_sampler(
     backend = FakeBackend(load_scenario(SCENARIOS / name), clock, proc_path)
     return Sampler(
         backend,
-        HostReader(PROC_FIXTURE),
         attribution,
         CollectionConfig(interval=10.0, call_timeout=1.0, backend_retry_interval=10.0),
         clock,

@@ -21,7 +21,6 @@ from typing import Any
 from ray_agent.clock import FakeClock
 from ray_agent.config import AttributionConfig, CollectionConfig
 from ray_agent.gpu.fake import FakeBackend, parse_scenario
-from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler
 
 TESTS = Path(__file__).resolve().parent.parent
@@ -147,7 +146,6 @@ def fake_sampler(
     backend = FakeBackend(parse_scenario(scenario_text, "<test>"), clock)
     sampler = Sampler(
         backend,
-        HostReader(PROC_FIXTURE),
         attribution,
         CollectionConfig(interval=interval, call_timeout=call_timeout, backend_retry_interval=retry),
         clock,

@@ -86,7 +86,8 @@ def test_check_healthy() -> None:
     assert result.returncode == EXIT_OK, result.stderr
     assert "GPU backend  fake: up, driver 550.54.15, 2 GPU(s)" in result.stdout
     assert "NVIDIA L4" in result.stdout and "gpu 1 nvlink: NOT_SUPPORTED (3)" in result.stdout
-    assert "Host         memory" in result.stdout
+    assert "Attribution  " in result.stdout
+    assert not [line for line in result.stdout.splitlines() if line.startswith("Host ")], result.stdout
 
 
 def test_check_reports_a_lost_gpu() -> None:
@@ -114,13 +115,13 @@ def test_run_degraded_without_nvidia_driver(agent_process, tmp_path: Path) -> No
     )
     agent = agent_process(["--config.file", str(config), "--gpu.backend", "nvml"])
     wait_for_metrics(agent.url, agent.process)
-    # Let a few retries happen; the agent keeps running and serving host metrics meanwhile.
+    # Let a few retries happen; the agent keeps running and collecting meanwhile.
     body = poll_metrics(agent.url, lambda b: (sample_value(b, "rayrack_gpu_backend_init_failures_total") or 0) >= 3)
     assert sample_value(body, "rayrack_gpu_backend_init_failures_total") >= 3
     assert sample_value(body, "rayrack_gpu_backend_up", backend="nvml") == 0
     assert sample_value(body, "rayrack_gpu_backend_error_info", code="12", error="LIBRARY_NOT_FOUND") == 1
     assert sample_value(body, "rayrack_up") == 1
-    assert sample_value(body, "rayrack_host_memory_total_bytes") > 0
+    assert sample_value(body, "rayrack_last_collection_timestamp_seconds") > 0
     assert agent.process.poll() is None
     assert agent.stop() == EXIT_OK
 

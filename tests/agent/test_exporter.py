@@ -57,6 +57,21 @@ def test_golden_exposition(name: str, dcgm_compat: bool) -> None:
     assert body == golden.read_text()
 
 
+def test_host_metrics_are_left_to_node_exporter() -> None:
+    """Every family is one of the kinds the exporter's docstring lists, none of which node_exporter has:
+    memory, swap and CPU time are node_exporter's alone."""
+    families = {
+        line.split()[2]
+        for golden in GOLDEN.glob("*.prom")
+        for line in golden.read_text().splitlines()
+        if line.startswith("# TYPE ")
+    }
+    own = ("rayrack_gpu_", "rayrack_user_", "rayrack_job_info", "rayrack_guard_", "rayrack_up", "rayrack_agent_info",
+           "rayrack_collector_", "rayrack_last_collection_", "DCGM_")
+    assert len(families) > 40
+    assert not [family for family in families if not family.startswith(own)]
+
+
 def test_golden_content_follows_the_rules() -> None:
     """Spot checks on the golden output, so that a regenerated file cannot silently drop the rules."""
     body = (GOLDEN / "native.prom").read_text()
@@ -194,7 +209,7 @@ def test_degraded_exposition_names_the_error() -> None:
     assert sample_value(body, "rayrack_gpu_backend_error_info", code="9", error="DRIVER_NOT_LOADED") == 1
     assert sample_value(body, "rayrack_gpu_backend_init_failures_total") == 1
     assert sample_value(body, "rayrack_collector_success", collector="gpu") == 0
-    assert sample_value(body, "rayrack_host_memory_total_bytes") is not None
+    assert sample_value(body, "rayrack_last_collection_timestamp_seconds") is not None
     assert "DCGM_FI" not in body and "rayrack_gpu_up" not in body
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from agent.guard_support import TOKEN, RayHead, WebhookReceiver, attribution_for, guard_config, scenario_sampler
-from agent.support import PROC_FIXTURE, write_token
+from agent.support import write_token
 from ray_agent.attribution import Attribution
 from ray_agent.clock import FakeClock
 from ray_agent.config import AttributionConfig, CollectionConfig, GuardConfig
@@ -25,7 +25,6 @@ from ray_agent.guard import Guard
 from ray_agent.guard.actions import ActionError, ActionRunner, Webhook, terminate
 from ray_agent.guard.audit import FIELDS, read_audit
 from ray_agent.guard.tracker import Escalation, Holder
-from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler
 from ray_agent.users import User, parse_contact
 
@@ -168,7 +167,6 @@ def run_guard(guard: Guard, sampler: Sampler, clock: FakeClock, seconds: float, 
 def sampler_for(text: str, clock: FakeClock, attribution: Attribution | None) -> Sampler:
     return Sampler(
         FakeBackend(parse_scenario(text), clock),
-        HostReader(PROC_FIXTURE),
         attribution,
         CollectionConfig(interval=10.0, call_timeout=1.0),
         clock,

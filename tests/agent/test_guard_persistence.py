@@ -8,13 +8,11 @@ from pathlib import Path
 import yaml
 
 from agent.guard_support import guard_config
-from agent.support import PROC_FIXTURE
 from ray_agent.clock import FakeClock
 from ray_agent.config import AttributionConfig, CollectionConfig, GuardConfig
 from ray_agent.gpu.fake import FakeBackend, parse_scenario
 from ray_agent.guard import Guard
 from ray_agent.guard.audit import read_audit
-from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler
 
 INTERVAL = 10.0
@@ -38,7 +36,6 @@ class Life:
         self.clock = clock
         self.sampler = Sampler(
             FakeBackend(parse_scenario(scenario(pid)), clock),
-            HostReader(PROC_FIXTURE),
             None,
             CollectionConfig(INTERVAL, 1.0),
             clock,

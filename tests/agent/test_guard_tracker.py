@@ -11,13 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.guard_support import drive, guard_config, scenario_sampler
-from agent.support import PROC_FIXTURE
 from ray_agent.clock import FakeClock
 from ray_agent.config import CollectionConfig, GuardStages
 from ray_agent.gpu.base import ErrorInfo, GpuProcess, GpuSample
 from ray_agent.gpu.fake import FakeBackend, parse_scenario
 from ray_agent.guard.tracker import GpuState, Tracker
-from ray_agent.host import HostReader
 from ray_agent.sampler import BackendStatus, GpuStatus, ProcessEntry, Sampler, Snapshot
 
 WINDOW = 300.0
@@ -169,7 +167,7 @@ def test_mig_gpu_without_utilisation_abstains(tmp_path: Path) -> None:
     )
     clock = FakeClock()
     sampler = Sampler(
-        FakeBackend(parse_scenario(text), clock), HostReader(PROC_FIXTURE), None, CollectionConfig(10.0, 1.0), clock
+        FakeBackend(parse_scenario(text), clock), None, CollectionConfig(10.0, 1.0), clock
     )
     trace = drive(sampler, clock, tracker, 3600)
     assert trace.escalations == []
@@ -210,7 +208,6 @@ def _snapshot(sequence: int, at: float, kind: str, pids: tuple[int, ...] = (4001
         backend=BackendStatus("fake", True),
         gpus=(status,),
         processes=processes,
-        host=None,
         collectors={},
         gpu_read_errors_total={},
         field_errors_total={},

@@ -30,7 +30,6 @@ from ray_agent.config import (
     build_config,
 )
 from ray_agent.gpu.fake import FakeBackend, ScenarioError, bundled_scenarios, load_scenario, parse_scenario
-from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler
 
 # --- config -------------------------------------------------------------------------------------------------
@@ -260,7 +259,6 @@ def test_fake_gpus_are_held_by_the_real_processes_they_were_assigned_to(assigned
     attribution = Attribution(AttributionConfig(enabled=False), node_ip=None)
     sampler = Sampler(
         FakeBackend(parse_scenario(text), clock),
-        HostReader(PROC_FIXTURE),
         attribution,
         CollectionConfig(10.0, 1.0),
         clock,

@@ -296,8 +296,7 @@ def test_agent_serves_the_real_nvml_failure_and_keeps_running(container: str, ag
         f'rayrack_gpu_backend_error_info{{backend="nvml",code="{code}",error="{name}"}} 1.0'
     ], first
     assert metric_lines(first, "rayrack_gpu_backend_info") == [], first
-    memory = sample_value(first, "rayrack_host_memory_total_bytes")
-    assert memory is not None and memory > 0, first
+    assert sample_value(first, "rayrack_collector_success", collector="gpu") == 0.0, first
     failures = sample_value(first, "rayrack_gpu_backend_init_failures_total", backend="nvml")
     assert failures is not None and failures >= 1, first
     collected_at = sample_value(first, "rayrack_last_collection_timestamp_seconds")
@@ -316,8 +315,7 @@ def test_agent_serves_the_real_nvml_failure_and_keeps_running(container: str, ag
     assert collected_at is not None and later_collected_at is not None and later_collected_at > collected_at
     later_failures = sample_value(later, "rayrack_gpu_backend_init_failures_total", backend="nvml")
     assert later_failures is not None and later_failures > failures, (failures, later_failures)
-    memory = sample_value(later, "rayrack_host_memory_total_bytes")
-    assert memory is not None and memory > 0, later
+    assert sample_value(later, "rayrack_collector_success", collector="gpu") == 0.0, later
 
     stop = podman("exec", container, "sh", "-c", f"kill -TERM $(cat {PID_FILE})")
     assert stop.returncode == 0, stop.stderr
@@ -336,6 +334,6 @@ def test_check_prints_the_real_nvml_error_and_fails(container: str) -> None:
     assert res.returncode == EXIT_FAILURE, res.stdout + res.stderr
     lines = res.stdout.splitlines()
     assert f"GPU backend  nvml: DOWN, {name} ({code})" in lines, res.stdout
-    host = [line for line in lines if line.startswith("Host ")]
-    assert len(host) == 1 and "memory" in host[0] and "DOWN" not in host[0], res.stdout
+    # The rest of the check still runs with the GPU backend down.
+    assert [line for line in lines if line.startswith("Attribution ")], res.stdout
     assert "Traceback" not in res.stderr, res.stderr

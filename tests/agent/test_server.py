@@ -1,7 +1,9 @@
-"""The real HTTP(S) server on 127.0.0.1: served while a GPU hangs, port conflicts, TLS and client certs."""
+"""The real HTTP(S) server on 127.0.0.1: served while a GPU hangs, port conflicts, TLS and client certs; the
+default listen address from the routing table."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
 from pathlib import Path
@@ -15,9 +17,8 @@ from ray_agent.clock import FakeClock
 from ray_agent.config import CollectionConfig, ExporterConfig, TlsConfig
 from ray_agent.exporter import SnapshotCollector
 from ray_agent.gpu.fake import FakeBackend, parse_scenario
-from ray_agent.host import HostReader
 from ray_agent.sampler import Sampler
-from ray_agent.server import ListenError, MetricsServer
+from ray_agent.server import ListenError, MetricsServer, default_route_address
 
 
 def registry_for(sampler: Sampler, clock: FakeClock | None = None) -> CollectorRegistry:
@@ -39,7 +40,6 @@ def test_metrics_are_served_while_a_gpu_hangs() -> None:
     backend = FakeBackend(parse_scenario(text), clock)
     sampler = Sampler(
         backend,
-        HostReader(PROC_FIXTURE),
         None,
         CollectionConfig(interval=0.1, call_timeout=0.05, backend_retry_interval=1),
         clock,
@@ -76,6 +76,16 @@ def test_port_in_use_is_a_clear_error() -> None:
             server.start()
 
 
+def test_default_route_address() -> None:
+    with pytest.raises(ListenError, match="no default route"):
+        default_route_address(PROC_FIXTURE)
+    try:
+        address = default_route_address()
+    except ListenError:
+        pytest.skip("this machine has no default route")
+    assert not ipaddress.ip_address(address).is_unspecified
+
+
 def test_address_not_on_this_host() -> None:
     # TEST-NET-1: never assigned to a local interface; binding fails before anything is sent.
     with pytest.raises(ListenError, match="not on this host"):
@@ -85,7 +95,7 @@ def test_address_not_on_this_host() -> None:
 def tls_server(pki: Path, require_client_cert: bool) -> MetricsServer:
     clock = FakeClock()
     backend = FakeBackend(parse_scenario("gpus: [{model: A, memory_total: 1GiB}]"), clock)
-    sampler = Sampler(backend, HostReader(PROC_FIXTURE), None, CollectionConfig(), clock)
+    sampler = Sampler(backend, None, CollectionConfig(), clock)
     sampler.collect_once()
     tls = TlsConfig(
         pki / "server.crt",

@@ -47,7 +47,6 @@ from ray_agent.clock import FakeClock  # noqa: E402
 from ray_agent.config import CollectionConfig, ExporterConfig  # noqa: E402
 from ray_agent.exporter import SnapshotCollector  # noqa: E402
 from ray_agent.gpu.fake import fake_from_mapping  # noqa: E402
-from ray_agent.host import HostReader  # noqa: E402
 from ray_agent.sampler import Sampler  # noqa: E402
 
 CPU_WINDOW_SECONDS = 30.0
@@ -119,7 +118,7 @@ def bench_scrape_cost() -> None:
     for count in (8, 64, 256):
         clock = FakeClock()
         backend = fake_from_mapping(scenario(count), clock)
-        sampler = Sampler(backend, HostReader(), None, CollectionConfig(interval=1, call_timeout=1), clock)
+        sampler = Sampler(backend, None, CollectionConfig(interval=1, call_timeout=1), clock)
         sampler.collect_once()
         ours = CollectorRegistry(auto_describe=False)
         ours.register(SnapshotCollector(sampler.latest, ExporterConfig(hostname="bench"), 3600, clock))

@@ -29,11 +29,9 @@ from ray_agent.clock import FakeClock  # noqa: E402
 from ray_agent.config import GUARD_SIGNALS, CollectionConfig, GuardConfig, GuardStages  # noqa: E402
 from ray_agent.gpu.fake import FakeBackend, Scenario, load_scenario  # noqa: E402
 from ray_agent.guard.tracker import GpuTrack, Tracker  # noqa: E402
-from ray_agent.host import HostReader  # noqa: E402
 from ray_agent.sampler import Sampler  # noqa: E402
 
 SCENARIOS = REPO / "tests" / "scenarios"
-PROC_FIXTURE = REPO / "tests" / "agent" / "fixtures" / "proc"
 THRESHOLD = 0.05
 
 # (scenario, GPU) pairs that must fire, and scenarios (all GPUs) that must not, with a 5-minute window.
@@ -102,7 +100,7 @@ def run(
     """Escalations as (seconds, gpu, stage), and the GPUs' tracks after the last collection."""
     clock = FakeClock()
     sampler = Sampler(
-        FakeBackend(scenario, clock), HostReader(PROC_FIXTURE), None, CollectionConfig(interval, 1.0), clock
+        FakeBackend(scenario, clock), None, CollectionConfig(interval, 1.0), clock
     )
     tracker = Tracker(guard)
     clock.advance(phase * interval)

@@ -91,6 +91,8 @@ HOST_PACKAGES = {
     "ssh": "openssh-client", "nft": "nftables", "iptables": "iptables", "catatonit": "catatonit",
     # Not the lab's own need: promtool checks the shipped rules and the agent's exposition in the tests.
     "promtool": "prometheus",
+    # The dashboards' and rules' host series are checked against what it serves (tests/monitoring).
+    "prometheus-node-exporter": "prometheus-node-exporter",
     # amtool checks the alertmanager role's configuration; the tests run the real Alertmanager with it.
     "amtool": "prometheus-alertmanager",
     # memcheck runs a C client of the simulated NVML library under it (tests/nvml_sim/test_memcheck.py).
