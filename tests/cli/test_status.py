@@ -1,5 +1,6 @@
 """The status table's pure parts: agent metrics -> GPU states, Ray's node list, the run record."""
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -72,10 +73,19 @@ def test_ray_states_prefer_the_live_entry_and_show_draining():
     assert ray_states(None) == {}
 
 
+def marker(version):
+    """A Ray venv's marker as the venv tasks write it."""
+    identity = {"package": "ray", "version": version, "python": "3.11", "arch": "x86_64", "lock": "0123456789ab"}
+    return json.dumps(identity, indent=4, sort_keys=True) + "\n"
+
+
 def test_ray_version_from_the_venv_marker():
-    assert ray_version_of("ray-2.58.1-default-py3.11-x86_64") == "2.58.1"
+    assert ray_version_of(marker("2.58.1")) == "2.58.1"
     assert ray_version_of(None) == "-"
     assert ray_version_of("something-else") == "-"
+    # A marker of an older kit (a plain name) or of another venv is no Ray version.
+    assert ray_version_of("ray-2.58.1-default-py3.11-x86_64") == "-"
+    assert ray_version_of(marker("2.58.1").replace('"ray"', '"ray-agent"')) == "-"
 
 
 LISTING = {
@@ -103,11 +113,11 @@ def test_inventory_listing_head_first_children_resolved_and_ray_address():
 def test_the_table_shows_every_node_and_who_is_behind():
     inv = parse_listing(Path("/inv"), LISTING)
     probes = {
-        "head": {"active": "active", "wheelhouse": "ray-2.58.0-default-py3.11-x86_64",
+        "head": {"active": "active", "wheelhouse": marker("2.58.0"),
                  "metrics": "rayrack_up 1.0\n", "version": {"ray_version": "2.58.0"},
                  "nodes": nodes({"node_ip": "10.0.0.10", "state": "ALIVE"}, {"node_ip": "10.0.0.12", "state": "ALIVE"}),
                  "jobs": [{"status": "RUNNING"}, {"status": "SUCCEEDED"}, {"status": "RUNNING"}]},
-        "worker1": {"active": "activating", "wheelhouse": "ray-2.58.1-default-py3.11-x86_64", "metrics": METRICS},
+        "worker1": {"active": "activating", "wheelhouse": marker("2.58.1"), "metrics": METRICS},
         "worker2": {"error": "ssh: connect to host 10.0.0.12 port 22: No route to host"},
     }
     rows = build_rows(inv, probes)
