@@ -77,6 +77,11 @@ class Host:
         """The node's Ray unit (rayrack_ray_units, by what the node is)."""
         return str(self.setting("rayrack_ray_units")[self.role])
 
+    @property
+    def ray_venv_marker(self) -> str:
+        """Where the node's Ray venv keeps its wheelhouse identity."""
+        return f"{self.setting('rayrack_venv_dir')}/{self.setting('rayrack_venv_marker')}"
+
     def ssh_command(self, remote: str) -> list[str]:
         """ssh as Ansible would reach the node (user, port, key, common and extra args), non-interactive."""
         v = self.vars

@@ -207,9 +207,8 @@ def render(inventory: Inventory, rows: list[NodeRow], head_probe: Mapping[str, A
 
 
 def probe_node(host: Host, token: str) -> dict[str, Any]:
-    marker = f"{host.setting('rayrack_venv_dir')}/{host.setting('rayrack_venv_marker')}"
     api = f"http://127.0.0.1:{host.setting('rayrack_ray_dashboard_port')}" if host.role == "head" else ""
-    args = [host.ray_unit, marker, host.address, str(host.setting("rayrack_agent_port")), api]
+    args = [host.ray_unit, host.ray_venv_marker, host.address, str(host.setting("rayrack_agent_port")), api]
     return run_python(host, NODE_PROBE, args, input_text=token if api else "")
 
 
