@@ -4,7 +4,9 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rayrack.inventory import parse_listing
+import yaml
+
+from rayrack.inventory import ROLES, parse_listing
 from rayrack.records import read_record, write_record
 from rayrack.status import build_rows, describe_run, gpu_states, ray_states, ray_version_of, render
 
@@ -108,6 +110,23 @@ def test_inventory_listing_head_first_children_resolved_and_ray_address():
     ssh = inv.get("worker1").ssh_command("true")
     assert ssh[-2:] == ["192.168.0.11", "true"]  # SSH goes where Ansible goes, not to the Ray address
     assert inv.setting("rayrack_agent_port") == 9489 and inv.setting("rayrack_cluster_name") == "rack"
+
+
+def test_the_cli_reads_its_defaults_and_unit_names_from_the_roles():
+    defaults = yaml.safe_load((ROLES / "rayrack" / "defaults" / "main.yml").read_text())
+    inv = parse_listing(Path("/inv"), LISTING)
+    head, worker = inv.get("head"), inv.get("worker1")
+    assert inv.setting("rayrack_ray_dashboard_port") == defaults["rayrack_ray_dashboard_port"]
+    assert inv.setting("prometheus_listen_address") == "127.0.0.1:9090"  # the prometheus role's default
+    # A template of other settings resolves as Ansible would; the inventory's values win.
+    assert head.setting("rayrack_venv_dir") == defaults["rayrack_prefix"] + "/venv"
+    moved = parse_listing(Path("/inv"), {**LISTING, "_meta": {"hostvars": {
+        **LISTING["_meta"]["hostvars"], "worker1": {"rayrack_prefix": "/srv/rack"}}}}).get("worker1")
+    assert moved.ray_venv_marker == f"/srv/rack/venv/{defaults['rayrack_venv_marker']}"
+    # Anything else (a filter, a fact) is Ansible's alone.
+    assert head.setting("rayrack_ray_wheelhouse") is None
+    assert (head.ray_unit, worker.ray_unit) == (defaults["rayrack_ray_units"]["head"],
+                                                defaults["rayrack_ray_units"]["worker"])
 
 
 def test_the_table_shows_every_node_and_who_is_behind():
