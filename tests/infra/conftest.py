@@ -39,3 +39,10 @@ def run_play(directory: Path, inventory: Mapping, play: str, extra_vars: Mapping
              "ANSIBLE_LOCALHOST_WARNING": "0", **env})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     return result
+
+
+def play_with_role_vars(roles: list[str], tasks: str) -> str:
+    """A play on every host that loads ROLES' defaults and vars as the roles would, then runs TASKS (YAML)."""
+    files = "".join(f"    - {ROLES}/{role}/{kind}/main.yml\n" for role in roles for kind in ("defaults", "vars")
+                    if (ROLES / role / kind / "main.yml").exists())
+    return f"- hosts: all\n  gather_facts: false\n  vars_files:\n{files}  tasks:\n{tasks}"

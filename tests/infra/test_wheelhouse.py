@@ -7,7 +7,7 @@ import sys
 from rayrack.inventory import DEFAULTS
 from rayrack.status import ray_version_of
 
-from .conftest import REPO, ROLES, load_module, run_play
+from .conftest import REPO, ROLES, load_module, play_with_role_vars, run_play
 
 wh = load_module(ROLES / "rayrack" / "filter_plugins" / "rayrack_wheelhouse.py", "rayrack_wheelhouse_filters")
 
@@ -49,13 +49,7 @@ def test_no_marker_or_an_older_kits_marker_is_no_identity():
     assert wh.rayrack_wheelhouse_name({}) == "none"
 
 
-PLAY = f"""
-- hosts: all
-  gather_facts: false
-  vars_files:
-    - {ROLES}/rayrack/defaults/main.yml
-    - {ROLES}/rayrack/vars/main.yml
-  tasks:
+PLAY = play_with_role_vars(["rayrack"], f"""\
     - name: Write the marker as the venv tasks do
       ansible.builtin.copy:
         content: "{{{{ rayrack_ray_wheelhouse | to_nice_json }}}}\\n"
@@ -69,7 +63,7 @@ PLAY = f"""
                        'name': rayrack_ray_wheelhouse | rayrack_wheelhouse_name}} | to_json }}}}"
         dest: "{{{{ rayrack_venv_path }}}}/result.json"
         mode: "0644"
-"""
+""")
 
 
 def test_the_ray_venv_marker_round_trips_through_ansible_and_the_cli(tmp_path):
