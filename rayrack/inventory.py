@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -12,17 +14,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 HEAD_GROUP, WORKER_GROUP, MONITORING_GROUP = "ray_head", "ray_workers", "monitoring"
-# Role defaults the CLI needs on the controller; an inventory value wins.
-DEFAULTS: dict[str, Any] = {
-    "rayrack_cluster_name": "rayrack",
-    "rayrack_ray_version": "2.60.0",
-    "rayrack_prefix": "/opt/rayrack",
-    "rayrack_ray_dashboard_port": 8265,
-    "rayrack_agent_port": 9489,
-    "prometheus_listen_address": "127.0.0.1:9090",
-    "rayrack_gateway_port": 8443,
-}
+ROLES = Path(__file__).resolve().parents[1] / "roles"
+# A template the CLI can resolve itself: nothing but other settings, e.g. "{{ rayrack_prefix }}/venv".
+_REFERENCE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def role_defaults(*roles: str) -> dict[str, Any]:
+    """The roles' defaults/main.yml, merged: the values the CLI uses when the inventory sets none."""
+    merged: dict[str, Any] = {}
+    for role in roles:
+        merged.update(yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()) or {})
+    return merged
+
+
+def _filter(module: str) -> Any:
+    """A filter plugin as a module: the CLI reads what the playbooks write with the playbooks' own code."""
+    path = ROLES.parent / "plugins" / "filter" / f"{module}.py"
+    spec = importlib.util.spec_from_file_location(f"rayrack_filters_{module}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no filter plugin at {path}")
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+# A venv's marker -> its wheelhouse identity ({} without one).
+wheelhouse_marker = _filter("rayrack_wheelhouse").rayrack_wheelhouse_marker
+
+# Role defaults the CLI needs on the controller, read from the roles themselves; an inventory value wins.
+DEFAULTS: dict[str, Any] = role_defaults("rayrack", "prometheus")
 
 
 @dataclass(frozen=True)
@@ -36,9 +59,28 @@ class Host:
         """The IP Ray uses for the node: ray_node_ip, else ansible_host, else the name."""
         return str(self.vars.get("ray_node_ip") or self.vars.get("ansible_host") or self.name)
 
-    def setting(self, name: str) -> Any:
+    def setting(self, name: str, _depth: int = 0) -> Any:
+        """The inventory's value, else the role default; templates of other settings alone are resolved, any other
+        template (a filter, a fact) gives None."""
         value = self.vars.get(name, DEFAULTS.get(name))
-        return DEFAULTS.get(name) if isinstance(value, str) and "{{" in value else value
+        if not isinstance(value, str) or "{{" not in value:
+            return value
+        if _depth > 8 or "{{" in _REFERENCE.sub("", value) or "{%" in value:
+            return None
+        parts = {ref: self.setting(ref, _depth + 1) for ref in _REFERENCE.findall(value)}
+        if any(part is None for part in parts.values()):
+            return None
+        return _REFERENCE.sub(lambda m: str(parts[m.group(1)]), value)
+
+    @property
+    def ray_unit(self) -> str:
+        """The node's Ray unit (rayrack_ray_units, by what the node is)."""
+        return str(self.setting("rayrack_ray_units")[self.role])
+
+    @property
+    def ray_venv_marker(self) -> str:
+        """Where the node's Ray venv keeps its wheelhouse identity."""
+        return f"{self.setting('rayrack_venv_dir')}/{self.setting('rayrack_venv_marker')}"
 
     def ssh_command(self, remote: str) -> list[str]:
         """ssh as Ansible would reach the node (user, port, key, common and extra args), non-interactive."""

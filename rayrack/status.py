@@ -14,19 +14,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ray_agent import ray_api
 from ray_agent.gpu_state import GpuState
-from rayrack.inventory import Host, Inventory
+from rayrack.inventory import Host, Inventory, wheelhouse_marker
 from rayrack.progress import format_duration
 from rayrack.remote import run_python
 
-# Runs on every node with its system python3, as the SSH user (no sudo): the unit, the Ray venv's marker,
+# Runs on every node with its system python3, as the SSH user (no sudo): the Ray unit, the Ray venv's marker,
 # the agent's /metrics and, on the head, Ray's view (the token arrives on stdin, never on a command line).
 # It goes with the Ray HTTP client's source, so the node needs no package of ours.
 NODE_PROBE = ray_api.source() + r"""
 import json, subprocess, sys
-unit, venv, address, agent_port, api = sys.argv[1:6]
+unit, marker, address, agent_port, api = sys.argv[1:6]
 out = {"active": subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True).stdout.strip()}
 try:
-    out["wheelhouse"] = open(venv + "/.rayrack-wheelhouse").read().strip()
+    out["wheelhouse"] = open(marker).read()
 except OSError:
     out["wheelhouse"] = None
 try:
@@ -70,11 +70,10 @@ class NodeRow:
     error: str = ""
 
 
-def ray_version_of(wheelhouse: str | None) -> str:
-    """'ray-2.58.1-default-py3.11-x86_64' -> '2.58.1'."""
-    if not wheelhouse or not wheelhouse.startswith("ray-"):
-        return "-"
-    return wheelhouse.split("-")[1]
+def ray_version_of(marker: str | None) -> str:
+    """The Ray venv's marker (its wheelhouse identity, JSON) -> the Ray version in it; - without one."""
+    identity = wheelhouse_marker(marker)
+    return identity["version"] if identity.get("package") == "ray" else "-"
 
 
 def gpu_states(metrics_text: str) -> tuple[dict[str, int], str, str]:
@@ -200,10 +199,8 @@ def render(inventory: Inventory, rows: list[NodeRow], head_probe: Mapping[str, A
 
 
 def probe_node(host: Host, token: str) -> dict[str, Any]:
-    unit = "ray-head" if host.role == "head" else "ray-worker"
-    venv = str(host.setting("rayrack_venv_dir") or f"{host.setting('rayrack_prefix')}/venv")
     api = f"http://127.0.0.1:{host.setting('rayrack_ray_dashboard_port')}" if host.role == "head" else ""
-    args = [unit, venv, host.address, str(host.setting("rayrack_agent_port")), api]
+    args = [host.ray_unit, host.ray_venv_marker, host.address, str(host.setting("rayrack_agent_port")), api]
     return run_python(host, NODE_PROBE, args, input_text=token if api else "")
 
 

@@ -36,6 +36,8 @@ rayrack_tree = importlib.util.module_from_spec(_tree_spec)
 _tree_spec.loader.exec_module(rayrack_tree)
 CLUSTER_PREFIX = "rayrack_"
 HEAD_GROUP, WORKER_GROUP = "ray_head", "ray_workers"
+# Settings of roles that are gone, with the name that replaced each: silently ignored otherwise.
+RENAMED = {"ray_head_ready_timeout": "ray_node_ready_timeout"}
 MIN_TOKEN_AUTH_RAY = (2, 52, 0)
 # Head fault tolerance: the GCS in an external Redis given by RAY_REDIS_ADDRESS with a password (`ray start`), TLS
 # to it (rediss://) and the raylets' reconnect timeout as Ray documents them.
@@ -563,6 +565,8 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
     bad: dict[str, list[str]] = {}
     for host in _group(groups, "all"):
         host_vars = hostvars[host]
+        for name in sorted(set(host_vars) & set(RENAMED)):
+            bad.setdefault(f"{name}: renamed to {RENAMED[name]}", []).append(host)
         for name in sorted(k for k in host_vars if any(k.startswith(p) for p in prefixes)):
             if name not in specs:
                 close = difflib.get_close_matches(name, list(specs), n=1)

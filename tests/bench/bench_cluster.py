@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -23,10 +24,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))
 import lab as labtool
 
+from rayrack import inventory
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 LAB = labtool.Lab("bench", 2, labtool.ipaddress.IPv4Network("10.213.2.0/24"), REPO / "inventories" / "bench", 2)
 ROUNDS = 3
+
+
+@functools.cache
+def lab_inventory() -> inventory.Inventory:
+    return inventory.load(LAB.inventory_dir)
+
+
+def ray_unit(node: labtool.Node) -> str:
+    """The node's Ray unit, as the lab's inventory names it."""
+    return lab_inventory().get(node.name).ray_unit
 
 # Polls the head's state API from inside the head until `want` nodes are ALIVE; prints the wall clock then.
 ALIVE_POLLER = r"""
@@ -71,15 +84,16 @@ def all_alive_at(head: labtool.Node) -> float:
 
 def stop_units() -> None:
     for node in LAB.nodes:
-        node_exec(node, "systemctl", "stop", "ray-head" if node.group == "ray_head" else "ray-worker")
+        node_exec(node, "systemctl", "stop", ray_unit(node))
 
 
 def unit_start_time() -> float:
     stop_units()
     head = LAB.nodes[0]
+    units = {n.name: ray_unit(n) for n in LAB.nodes}
     t0 = time.time()
     procs = [subprocess.Popen(["podman", "exec", n.container, "systemctl", "start", "--no-block",
-                               "ray-head" if n.group == "ray_head" else "ray-worker"]) for n in LAB.nodes]
+                               units[n.name]]) for n in LAB.nodes]
     for p in procs:
         p.wait()
     return all_alive_at(head) - t0
@@ -87,7 +101,7 @@ def unit_start_time() -> float:
 
 def unit_command(node: labtool.Node) -> list[str]:
     """The unit's own `ray start` arguments, without --block: what an admin would type."""
-    unit = "ray-head" if node.group == "ray_head" else "ray-worker"
+    unit = ray_unit(node)
     text = node_exec(node, "systemctl", "cat", unit)
     exec_start = text.split("ExecStart=", 1)[1].split("\n# ", 1)[0]
     args = [a.strip().strip("'\"") for a in exec_start.replace("\\\n", " ").split()]
@@ -129,7 +143,7 @@ def main() -> int:
         plain = sorted(plain_start_time(commands) for _ in range(ROUNDS))
         # Leave the lab as site.yml made it.
         for node in LAB.nodes:
-            node_exec(node, "systemctl", "start", "ray-head" if node.group == "ray_head" else "ray-worker")
+            node_exec(node, "systemctl", "start", ray_unit(node))
     finally:
         labtool.down(LAB, remove_image=False)
 

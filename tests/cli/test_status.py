@@ -1,10 +1,13 @@
 """The status table's pure parts: agent metrics -> GPU states, Ray's node list, the run record."""
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 from ray_agent.gpu_state import GpuState
-from rayrack.inventory import parse_listing
+from rayrack.inventory import ROLES, parse_listing
 from rayrack.records import read_record, write_record
 from rayrack.status import (
     COLUMN_OF_STATE,
@@ -114,10 +117,19 @@ def test_ray_states_prefer_the_live_entry_and_show_draining():
     assert ray_states(None) == {}
 
 
+def marker(version):
+    """A Ray venv's marker as the venv tasks write it."""
+    identity = {"package": "ray", "version": version, "python": "3.11", "arch": "x86_64", "lock": "0123456789ab"}
+    return json.dumps(identity, indent=4, sort_keys=True) + "\n"
+
+
 def test_ray_version_from_the_venv_marker():
-    assert ray_version_of("ray-2.58.1-default-py3.11-x86_64") == "2.58.1"
+    assert ray_version_of(marker("2.58.1")) == "2.58.1"
     assert ray_version_of(None) == "-"
     assert ray_version_of("something-else") == "-"
+    # A marker of an older kit (a plain name) or of another venv is no Ray version.
+    assert ray_version_of("ray-2.58.1-default-py3.11-x86_64") == "-"
+    assert ray_version_of(marker("2.58.1").replace('"ray"', '"ray-agent"')) == "-"
 
 
 LISTING = {
@@ -142,15 +154,31 @@ def test_inventory_listing_head_first_children_resolved_and_ray_address():
     assert inv.setting("rayrack_agent_port") == 9489 and inv.setting("rayrack_cluster_name") == "rack"
 
 
+def test_the_cli_reads_its_defaults_and_unit_names_from_the_roles():
+    defaults = yaml.safe_load((ROLES / "rayrack" / "defaults" / "main.yml").read_text())
+    inv = parse_listing(Path("/inv"), LISTING)
+    head, worker = inv.get("head"), inv.get("worker1")
+    assert inv.setting("rayrack_ray_dashboard_port") == defaults["rayrack_ray_dashboard_port"]
+    assert inv.setting("prometheus_listen_address") == "127.0.0.1:9090"  # the prometheus role's default
+    # A template of other settings resolves as Ansible would; the inventory's values win.
+    assert head.setting("rayrack_venv_dir") == defaults["rayrack_prefix"] + "/venv"
+    moved = parse_listing(Path("/inv"), {**LISTING, "_meta": {"hostvars": {
+        **LISTING["_meta"]["hostvars"], "worker1": {"rayrack_prefix": "/srv/rack"}}}}).get("worker1")
+    assert moved.ray_venv_marker == f"/srv/rack/venv/{defaults['rayrack_venv_marker']}"
+    # Anything else (a filter, a fact) is Ansible's alone.
+    assert head.setting("rayrack_ray_wheelhouse") is None
+    assert (head.ray_unit, worker.ray_unit) == (defaults["rayrack_ray_units"]["head"],
+                                                defaults["rayrack_ray_units"]["worker"])
+
+
 def test_the_table_shows_every_node_and_who_is_behind():
     inv = parse_listing(Path("/inv"), LISTING)
     probes = {
-        "head": {"active": "active", "wheelhouse": "ray-2.58.0-default-py3.11-x86_64",
+        "head": {"active": "active", "wheelhouse": marker("2.58.0"),
                  "metrics": "rayrack_up 1.0\n", "version": {"ray_version": "2.58.0"},
                  "nodes": nodes({"node_ip": "10.0.0.10", "state": "ALIVE"}, {"node_ip": "10.0.0.12", "state": "ALIVE"}),
                  "jobs": [{"status": "RUNNING"}, {"status": "SUCCEEDED"}, {"status": "RUNNING"}]},
-        "worker1": {"active": "activating", "wheelhouse": "ray-2.58.1-default-py3.11-x86_64",
-                    "metrics": METRICS + STATES},
+        "worker1": {"active": "activating", "wheelhouse": marker("2.58.1"), "metrics": METRICS + STATES},
         "worker2": {"error": "ssh: connect to host 10.0.0.12 port 22: No route to host"},
     }
     rows = build_rows(inv, probes)

@@ -16,6 +16,7 @@ from rayrack.remote import MARKER
 from rayrack.status import NODE_PROBE
 
 TOKEN = "cluster-token-for-the-probe"
+WHEELHOUSE = '{"arch": "x86_64", "lock": "0123456789ab", "package": "ray", "python": "3.11", "version": "2.58.1"}\n'
 METRICS = 'rayrack_agent_info{version="0.1.0"} 1.0\n'
 NODES = {"result": True, "msg": "", "data": {"result": {"result": [{"node_ip": "10.0.0.1", "state": "ALIVE"}]}}}
 
@@ -41,8 +42,8 @@ def node() -> Iterator[tuple[str, list[str]]]:
 
 
 def probe(tmp_path: Path, agent_port: str, api: str, token: str) -> dict:
-    (tmp_path / ".rayrack-wheelhouse").write_text("ray-2.58.1-default-py3.11-x86_64\n")
-    args = ["rayrack-absent-unit.service", str(tmp_path), "127.0.0.1", agent_port, api]
+    (tmp_path / ".rayrack-wheelhouse").write_text(WHEELHOUSE)
+    args = ["rayrack-absent-unit.service", str(tmp_path / ".rayrack-wheelhouse"), "127.0.0.1", agent_port, api]
     result = subprocess.run([sys.executable, "-c", NODE_PROBE, *args], input=token, capture_output=True,
                             text=True, timeout=60, check=True)  # fmt: skip
     lines = [line for line in result.stdout.splitlines() if line.startswith(MARKER)]
@@ -53,7 +54,7 @@ def probe(tmp_path: Path, agent_port: str, api: str, token: str) -> dict:
 def test_the_head_probe_reads_metrics_and_rays_apis_with_the_token(node, tmp_path: Path) -> None:
     port, paths = node
     out = probe(tmp_path, port, f"http://127.0.0.1:{port}", TOKEN)
-    assert out["metrics"] == METRICS and out["wheelhouse"] == "ray-2.58.1-default-py3.11-x86_64"
+    assert out["metrics"] == METRICS and out["wheelhouse"] == WHEELHOUSE
     assert (out["version"], out["nodes"], out["jobs"]) == ({"ray_version": "2.58.1"}, NODES, [{"status": "RUNNING"}])
     assert paths == ["/metrics", "/api/version", "/api/v0/nodes?limit=10000&detail=true", "/api/jobs/"]
 

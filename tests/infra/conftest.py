@@ -42,11 +42,22 @@ def run_play(directory: Path, inventory: Mapping, play: str, extra_vars: Mapping
     return result
 
 
+def role_vars_files(roles: list[str], parts: tuple[str, ...] = ("defaults", "vars")) -> list[str]:
+    """The ROLES' defaults and vars files, in the order the roles load them."""
+    return [f"{ROLES}/{role}/{part}/main.yml" for role in roles for part in parts
+            if (ROLES / role / part / "main.yml").exists()]
+
+
 def template_play(hosts: str, role: str, template: str, dest: str = "{{ dest }}", defaults: bool = True) -> str:
     """A play rendering ROLE's TEMPLATE on the controller for HOSTS, with the rayrack and ROLE defaults (unless the
     inventory carries them: defaults=False) and vars, as the role would; DEST may use the play's variables."""
-    parts = ("defaults", "vars") if defaults else ("vars",)
-    files = [f"{ROLES}/{name}/{part}/main.yml" for name in ("rayrack", role) for part in parts]
+    files = role_vars_files(["rayrack", role], ("defaults", "vars") if defaults else ("vars",))
     return json.dumps([{"hosts": hosts, "gather_facts": False, "vars_files": files, "tasks": [
         {"ansible.builtin.template": {"src": f"{ROLES}/{role}/templates/{template}", "dest": dest, "mode": "0644"},
          "delegate_to": "localhost"}]}])
+
+
+def play_with_role_vars(roles: list[str], tasks: str) -> str:
+    """A play on every host that loads ROLES' defaults and vars as the roles would, then runs TASKS (YAML)."""
+    files = "".join(f"    - {path}\n" for path in role_vars_files(roles))
+    return f"- hosts: all\n  gather_facts: false\n  vars_files:\n{files}  tasks:\n{tasks}"

@@ -193,6 +193,11 @@ def test_unknown_variable_with_suggestion():
         "rayrack_ray_verison: unknown variable; did you mean rayrack_ray_version? (on worker1)"]
 
 
+def test_a_setting_of_a_removed_role_names_its_replacement():
+    groups, hostvars = cluster(head={"ray_head_ready_timeout": 300})
+    assert errors(groups, hostvars) == ["ray_head_ready_timeout: renamed to ray_node_ready_timeout (on head)"]
+
+
 def test_role_variables_are_checked_from_their_argument_specs():
     groups, hostvars = cluster(worker1={"ray_node_num_gpus": "two"})
     assert errors(groups, hostvars) == ["ray_node_num_gpus: must be an integer, got the string 'two' (on worker1)"]

@@ -7,6 +7,7 @@ By default it uses the molecule lab (`make integration`); RAYRACK_UPGRADE_LAB / 
 RAYRACK_UPGRADE_TO the Ray version to move to (default: 2.59.0 from 2.60.0, else required).
 """
 
+import functools
 import ipaddress
 import json
 import os
@@ -17,6 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from rayrack import inventory
+from rayrack.status import ray_version_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab as labtool
@@ -94,16 +98,21 @@ def submit(entrypoint, job_id):
     assert reply.get("submission_id") == job_id, reply
 
 
+@functools.cache
+def host(node):
+    """The node as the lab's inventory has it (its Ray unit, its venv's marker)."""
+    return inventory.load(LAB.inventory_dir).get(node.name)
+
+
 def node_state(node):
     """Which Ray the node has and which run of its unit this is (a restart gives a new InvocationID)."""
-    unit = "ray-head" if node is HEAD else "ray-worker"
-    out = on(node, f"cat /opt/rayrack/venv/.rayrack-wheelhouse; echo; systemctl show -p InvocationID --value {unit}")
-    wheelhouse, invocation = out.split()[:2]
+    wheelhouse = on(node, f"cat {host(node).ray_venv_marker}")
+    invocation = on(node, f"systemctl show -p InvocationID --value {host(node).ray_unit}")
     return wheelhouse, invocation
 
 
 def installed_version(node):
-    return node_state(node)[0].split("-")[1]
+    return ray_version_of(node_state(node)[0])
 
 
 def status():
@@ -133,8 +142,8 @@ def test_a_removed_worker_stays_out_until_add_node_brings_it_back(lab_up):
     assert result.returncode == 0, result.stdout[-5000:]
     print(f"remove-node {WORKER2.name}: {took:.0f}s")
     # Stopped and disabled (it stays out across a reboot), nothing uninstalled.
-    assert units(WORKER2, "ray-worker", "ray-agent") == {"ray-worker": "disabled/inactive",
-                                                        "ray-agent": "disabled/inactive"}
+    unit = host(WORKER2).ray_unit
+    assert units(WORKER2, unit, "ray-agent") == {unit: "disabled/inactive", "ray-agent": "disabled/inactive"}
     on(WORKER2, "test -x /opt/rayrack/venv/bin/ray")
     snap = status()
     assert row(snap, WORKER2)[4] != "ALIVE" and row(snap, WORKER1)[4] == "ALIVE", snap
@@ -147,8 +156,8 @@ def test_a_removed_worker_stays_out_until_add_node_brings_it_back(lab_up):
     result, took = rayrack("add-node")
     assert result.returncode == 0, result.stdout[-5000:]
     print(f"add-node {WORKER2.name}: {took:.0f}s")
-    assert units(WORKER2, "ray-worker", "ray-agent") == {"ray-worker": "enabled/active",
-                                                        "ray-agent": "enabled/active"}
+    unit = host(WORKER2).ray_unit
+    assert units(WORKER2, unit, "ray-agent") == {unit: "enabled/active", "ray-agent": "enabled/active"}
     deadline = time.monotonic() + 120
     while row(snap := status(), WORKER2)[4] != "ALIVE" and time.monotonic() < deadline:
         time.sleep(5)
@@ -284,13 +293,13 @@ def test_a_node_failing_mid_upgrade_stops_the_rollout_and_the_cluster_keeps_serv
 def test_teardown_needs_the_cluster_name_then_removes_ray_from_every_node(lab_up):
     wrong, _ = rayrack("teardown", "--confirm", "not-this-cluster")
     assert wrong.returncode != 0 and "confirm with -e teardown_confirm=" in wrong.stdout, wrong.stdout[-3000:]
-    assert units(HEAD, "ray-head") == {"ray-head": "enabled/active"}
+    assert units(HEAD, host(HEAD).ray_unit) == {host(HEAD).ray_unit: "enabled/active"}
 
     shared = on(HEAD, "sudo ls /srv/rayrack-shared")
     result, took = rayrack("teardown", "--confirm", LAB.name)  # the lab names its cluster after itself
     assert result.returncode == 0, result.stdout[-5000:]
     print(f"teardown: {took:.0f}s")
-    for node, unit in ((HEAD, "ray-head"), (WORKER1, "ray-worker"), (WORKER2, "ray-worker")):
+    for node, unit in ((n, host(n).ray_unit) for n in (HEAD, WORKER1, WORKER2)):
         gone = labtool.ssh(LAB, node, f"systemctl cat {unit} ray-agent; ls -d /opt/rayrack /etc/rayrack", check=False)
         assert "No files found" in gone.stderr and "cannot access '/opt/rayrack'" in gone.stderr, gone
         assert "cannot access '/etc/rayrack'" in gone.stderr, gone
