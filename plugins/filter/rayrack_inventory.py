@@ -38,6 +38,10 @@ CLUSTER_PREFIX = "rayrack_"
 HEAD_GROUP, WORKER_GROUP = "ray_head", "ray_workers"
 # Settings of roles that are gone, with the name that replaced each: silently ignored otherwise.
 RENAMED = {"ray_head_ready_timeout": "ray_node_ready_timeout"}
+# The cluster-wide facts the rayrack role derives for every role (its vars, public names): an inventory that sets
+# one would be overridden without a word, so it is refused.
+DERIVED = sorted(name for name in yaml.safe_load((ROLES_DIR / "rayrack" / "vars" / "main.yml").read_text())
+                 if not name.startswith("_"))
 MIN_TOKEN_AUTH_RAY = (2, 52, 0)
 # Head fault tolerance: the GCS in an external Redis given by RAY_REDIS_ADDRESS with a password (`ray start`), TLS
 # to it (rediss://) and the raylets' reconnect timeout as Ray documents them.
@@ -567,7 +571,12 @@ def rayrack_inventory_errors(groups: Mapping[str, Iterable[str]], hostvars: Mapp
         host_vars = hostvars[host]
         for name in sorted(set(host_vars) & set(RENAMED)):
             bad.setdefault(f"{name}: renamed to {RENAMED[name]}", []).append(host)
+        for name in sorted(set(host_vars) & set(DERIVED)):
+            bad.setdefault(f"{name}: derived by the rayrack role from other settings; remove it from the inventory",
+                           []).append(host)
         for name in sorted(k for k in host_vars if any(k.startswith(p) for p in prefixes)):
+            if name in DERIVED:
+                continue
             if name not in specs:
                 close = difflib.get_close_matches(name, list(specs), n=1)
                 hint = f"; did you mean {close[0]}?" if close else ""

@@ -198,6 +198,12 @@ def test_a_setting_of_a_removed_role_names_its_replacement():
     assert errors(groups, hostvars) == ["ray_head_ready_timeout: renamed to ray_node_ready_timeout (on head)"]
 
 
+def test_a_derived_fact_set_in_the_inventory_is_refused():
+    groups, hostvars = cluster(head={"rayrack_head_api_url": "http://10.0.0.1:8265"})
+    assert errors(groups, hostvars) == [
+        "rayrack_head_api_url: derived by the rayrack role from other settings; remove it from the inventory (on head)"]
+
+
 def test_role_variables_are_checked_from_their_argument_specs():
     groups, hostvars = cluster(worker1={"ray_node_num_gpus": "two"})
     assert errors(groups, hostvars) == ["ray_node_num_gpus: must be an integer, got the string 'two' (on worker1)"]

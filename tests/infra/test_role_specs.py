@@ -1,5 +1,7 @@
 """Every role documents every public variable in meta/argument_specs.yml, with the same default."""
 
+import re
+
 import pytest
 import yaml
 
@@ -51,4 +53,40 @@ def test_public_variables_carry_the_role_prefix(role):
 def test_private_variables_are_underscored(role):
     for path in (role / "vars").glob("*.yml"):
         for name in load(path):
+            if role.name == "rayrack" and name.startswith("rayrack_"):
+                continue  # the defaults role's derived cluster-wide facts, public for every role
             assert name.startswith(f"_{role.name}_"), f"{path}: {name} should be _{role.name}_*"
+
+
+def test_derived_facts_are_no_settings():
+    # Role vars outrank the inventory: a derived fact that were also a setting would ignore the admin's value.
+    derived = {name for name in load(ROLES / "rayrack" / "vars" / "main.yml") if not name.startswith("_")}
+    settings = {name for role in ROLE_DIRS for name in load(role / "defaults" / "main.yml")}
+    assert derived and derived.isdisjoint(settings), sorted(derived & settings)
+
+
+ROLE_NAMES = sorted((p.name for p in ROLE_DIRS), key=len, reverse=True)
+PRIVATE = re.compile(r"(?<![\w.])_(?!_)[a-z][a-z0-9_]*")
+
+
+def owner(variable):
+    """The role whose private variable this is (_ROLE_*), the longest role name first; None: nobody's."""
+    return next((role for role in ROLE_NAMES if variable.startswith(f"_{role}_")), None)
+
+
+def private_references(text):
+    return {name for name in PRIVATE.findall(text) if owner(name) is not None}
+
+
+SOURCES = sorted([*ROLES.glob("*/**/*.yml"), *ROLES.glob("*/**/*.j2"), *(ROLES.parent / "playbooks").glob("*.yml"),
+                  *(ROLES.parent / "molecule").glob("*/*.yml")])
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROLES.parent)))
+def test_nothing_reads_another_roles_private_variables(path):
+    # A role's _ROLE_* variables are its own business; what others need is public (the defaults role, rayrack,
+    # derives the cluster-wide facts as rayrack_*).
+    relative = path.relative_to(ROLES.parent).parts
+    reader = relative[1] if relative[0] == "roles" else None
+    foreign = sorted(name for name in private_references(path.read_text()) if owner(name) != reader)
+    assert foreign == [], f"{path}: reads private variables of other roles: {', '.join(foreign)}"

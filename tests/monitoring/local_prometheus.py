@@ -112,7 +112,7 @@ def secured(directory: Path, password: str = "s3cret-Pa55word", name: str = "pro
     config = directory / f"{name}-web.yml"
     render("rayrack", "etc/prometheus/web.yml.j2", config, {
         "rayrack_web_name": name, "rayrack_web_password": password, "_current_users": current or {},
-        "_rayrack_monitoring_tls_dir": str(directory)})
+        "rayrack_monitoring_tls_dir": str(directory)})
     check = subprocess.run([required.binary("promtool", INSTALL), "check", "web-config", str(config)],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -50,7 +50,7 @@ def prometheus(tmp_path_factory):
         "prometheus_scrape_interval": "1s", "prometheus_listen_address": f"0.0.0.0:{port}",
         "_prometheus_nodes": {}, "_prometheus_head": "w1", "prometheus_scrape_ray": False,
         "prometheus_scrape_ray_agent": False, "prometheus_scrape_node_exporter": False,
-        "_prometheus_self_password_file": str(tmp / "prometheus.password"), "_rayrack_monitoring_tls_dir": str(tmp),
+        "_prometheus_self_password_file": str(tmp / "prometheus.password"), "rayrack_monitoring_tls_dir": str(tmp),
         "_prometheus_rules_dir": str(tmp / "rules"), "prometheus_alertmanagers": [], "rayrack_cluster_name": "test"})
     with running(config, tmp / "data", web, port) as server:
         deadline = time.monotonic() + 60
