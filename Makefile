@@ -9,6 +9,11 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 LAB ?= lab
 WORKERS ?= 2
+# The nodes' Debian release (lab.py --dist: bookworm or trixie); empty: lab.py's default.
+DIST ?=
+# LAB_PACKAGES='REQ ...': the Ray venvs' extra packages instead of lab.py's (PyTorch's CPU build); empty for none.
+LAB_UP_OPTIONS := $(if $(DIST),--dist $(DIST)) \
+	$(if $(filter-out undefined,$(origin LAB_PACKAGES)),--python-packages '$(LAB_PACKAGES)')
 # Each lab keeps its own fact cache, removed with it.
 LAB_ANSIBLE := ANSIBLE_CACHE_PLUGIN_CONNECTION=$(CURDIR)/inventories/$(LAB)/.facts $(BIN)/ansible-playbook
 
@@ -28,7 +33,7 @@ host-deps: venv ## Host packages the lab and tests use (podman, debootstrap, pro
 	$(BIN)/python tests/lab/lab.py host-deps
 
 lab: host-deps ## Build lab nodes, converge site.yml, show the Ray cluster and metrics
-	$(BIN)/python tests/lab/lab.py up --name $(LAB) --workers $(WORKERS)
+	$(BIN)/python tests/lab/lab.py up --name $(LAB) --workers $(WORKERS) $(LAB_UP_OPTIONS)
 	$(LAB_ANSIBLE) -i inventories/$(LAB) site.yml
 	$(BIN)/python tests/lab/lab.py status --name $(LAB)
 
