@@ -17,7 +17,7 @@ LAB_UP_OPTIONS := $(if $(DIST),--dist $(DIST)) \
 # Each lab keeps its own fact cache, removed with it.
 LAB_ANSIBLE := ANSIBLE_CACHE_PLUGIN_CONNECTION=$(CURDIR)/inventories/$(LAB)/.facts $(BIN)/ansible-playbook
 
-.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration bench bench-cluster bench-agent bench-idle bench-gateway nvml-sim clean
+.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration integration-trixie bench bench-cluster bench-agent bench-idle bench-gateway nvml-sim clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ integration: host-deps nvml-sim ## molecule scenarios `gpu` and `cluster` (conve
 	$(BIN)/molecule test -s cluster --destroy=never; rc=$$?; \
 	if [ $$rc -eq 0 ]; then $(BIN)/pytest --durations=0 -m "lab and not day2" && $(BIN)/pytest --durations=0 -m day2; rc=$$?; fi; \
 	$(BIN)/molecule destroy -s cluster >/dev/null; exit $$rc
+
+integration-trixie: host-deps ## molecule scenario `trixie`: converge and verify on Debian 13 nodes
+	$(BIN)/molecule test -s trixie
 
 bench: bench-cluster bench-agent bench-idle bench-gateway ## All benchmarks
 
