@@ -9,10 +9,15 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 LAB ?= lab
 WORKERS ?= 2
+# The nodes' Debian release (lab.py --dist: bookworm or trixie); empty: lab.py's default.
+DIST ?=
+# LAB_PACKAGES='REQ ...': the Ray venvs' extra packages instead of lab.py's (PyTorch's CPU build); empty for none.
+LAB_UP_OPTIONS := $(if $(DIST),--dist $(DIST)) \
+	$(if $(filter-out undefined,$(origin LAB_PACKAGES)),--python-packages '$(LAB_PACKAGES)')
 # Each lab keeps its own fact cache, removed with it.
 LAB_ANSIBLE := ANSIBLE_CACHE_PLUGIN_CONNECTION=$(CURDIR)/inventories/$(LAB)/.facts $(BIN)/ansible-playbook
 
-.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration bench bench-cluster bench-agent bench-idle bench-gateway nvml-sim clean
+.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration integration-trixie bench bench-cluster bench-agent bench-idle bench-gateway nvml-sim clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,7 +33,7 @@ host-deps: venv ## Host packages the lab and tests use (podman, debootstrap, pro
 	$(BIN)/python tests/lab/lab.py host-deps
 
 lab: host-deps ## Build lab nodes, converge site.yml, show the Ray cluster and metrics
-	$(BIN)/python tests/lab/lab.py up --name $(LAB) --workers $(WORKERS)
+	$(BIN)/python tests/lab/lab.py up --name $(LAB) --workers $(WORKERS) $(LAB_UP_OPTIONS)
 	$(LAB_ANSIBLE) -i inventories/$(LAB) site.yml
 	$(BIN)/python tests/lab/lab.py status --name $(LAB)
 
@@ -58,6 +63,9 @@ integration: host-deps nvml-sim ## molecule scenarios `gpu` and `cluster` (conve
 	$(BIN)/molecule test -s cluster --destroy=never; rc=$$?; \
 	if [ $$rc -eq 0 ]; then $(BIN)/pytest --durations=0 -m "lab and not day2" && $(BIN)/pytest --durations=0 -m day2; rc=$$?; fi; \
 	$(BIN)/molecule destroy -s cluster >/dev/null; exit $$rc
+
+integration-trixie: host-deps ## molecule scenario `trixie`: converge and verify on Debian 13 nodes
+	$(BIN)/molecule test -s trixie
 
 bench: bench-cluster bench-agent bench-idle bench-gateway ## All benchmarks
 

@@ -18,10 +18,12 @@ def os_data(name):
 
 
 DEBIAN, UBUNTU, REDHAT = os_data("Debian"), os_data("Ubuntu"), os_data("RedHat")
+# Loaded first on Debian 13 (vars/<distribution>-<major>.yml).
+TRIXIE = os_data("Debian-13")
 
 
 def test_every_family_has_data_for_each_mode():
-    for data in (DEBIAN, UBUNTU, REDHAT):
+    for data in (DEBIAN, TRIXIE, UBUNTU, REDHAT):
         for source, entry in data["sources"].items():
             for flavour in ("proprietary", "open", "userspace"):
                 assert entry[flavour], f"{data['name']} {source} {flavour}"
@@ -52,6 +54,16 @@ def test_debian_has_no_other_source_or_branch():
         plan(DEBIAN, "full", source="cuda")
     with pytest.raises(FilterError, match="550 is not packaged by debian on Debian 12"):
         plan(DEBIAN, "full", branch="550")
+
+
+def test_debian_13_takes_trixies_branch():
+    p = plan(TRIXIE, "userspace", kernel=KERNEL)
+    assert p["packages"] == ["nvidia-smi=550.163.01-*", "libnvidia-ml1=550.163.01-*"]
+    f = plan(TRIXIE, "full", "open", kernel=KERNEL)
+    assert f["packages"][0] == "nvidia-open-kernel-dkms=550.163.01-*" and f["branch"] == "550"
+    with pytest.raises(FilterError, match="535 is not packaged by debian on Debian 13"):
+        plan(TRIXIE, "full", branch="535")
+    assert TRIXIE["sources"]["debian"]["fabricmanager_repo"]["url"].endswith("/debian13/x86_64/")
 
 
 def test_ubuntu_canonical_server_packages():

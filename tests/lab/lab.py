@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""The rayrack lab: Debian 12 podman containers running systemd and sshd, reached like bare metal.
+"""The rayrack lab: Debian 12 or 13 podman containers running systemd and sshd, reached like bare metal.
 
 `lab.py up` builds (or reuses) the node image, a podman network and N nodes, provisions an admin user
 with the lab's SSH key, records every node's host key in the lab's known_hosts and writes an Ansible
 inventory.  `lab.py down` removes only what `up` created (containers and network carrying the lab's
-label, the generated inventory); the cached image is kept unless `--image` is given.
+label, the generated inventory); the cached image is kept unless `--image` is given.  `--dist` picks the
+Debian release of the nodes (one image, tagged with its version, per release).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -23,11 +25,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-IMAGE = "localhost/rayrack-node:12"
+# Debian releases a lab can run, by codename: the major version tags the node image.
+DISTS = {"bookworm": "12", "trixie": "13"}
+DEFAULT_DIST = "bookworm"
 ADMIN_USER = "rayadmin"
 LABEL = "io.rayrack.lab"
 
@@ -37,10 +40,11 @@ IMAGE_PACKAGES = [
     "iproute2", "iputils-ping", "ca-certificates", "procps", "sudo",
 ]
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+# The same three suites for every release; non-free for the NVIDIA packages (nvidia-smi, libnvidia-ml1).
 SOURCES_LIST = """\
-deb http://deb.debian.org/debian bookworm main contrib non-free non-free-firmware
-deb http://deb.debian.org/debian bookworm-updates main contrib non-free non-free-firmware
-deb http://deb.debian.org/debian-security bookworm-security main contrib non-free non-free-firmware
+deb http://deb.debian.org/debian {dist} main contrib non-free non-free-firmware
+deb http://deb.debian.org/debian {dist}-updates main contrib non-free non-free-firmware
+deb http://deb.debian.org/debian-security {dist}-security main contrib non-free non-free-firmware
 """
 # Units that need a real kernel, console or udev; they only fail (and slow boot) in a container.
 MASKED_UNITS = [
@@ -51,9 +55,18 @@ MASKED_UNITS = [
     # sysctl.d file, and global keys (vm.*, kernel.*, net.core.rmem_max) would land on the lab host.
     "systemd-sysctl.service",
 ]
+# Arguments to each release's /sbin/init.
+INIT_ARGS: dict[str, list[str]] = {"bookworm": [], "trixie": []}
 # Host keys must differ per node: the image ships none and each node makes its own at first boot.
 SSH_KEYGEN_DROPIN = "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n"
 RECIPE_VERSION = "3"
+
+
+def image_name(dist: str = DEFAULT_DIST) -> str:
+    return f"localhost/rayrack-node:{DISTS[dist]}"
+
+
+IMAGE = image_name()
 # What researchers' jobs import on every node: Ray Train and PyTorch's CPU build (the nodes have no CUDA; PyPI's
 # default torch build pulls 3 GB of CUDA wheels). pip finds the CPU wheel through the host's own pip
 # configuration (a find-links or --extra-index-url https://download.pytorch.org/whl/cpu).
@@ -175,33 +188,36 @@ def ca_files(ca_dir: Path | None) -> list[Path]:
     return sorted(ca_dir.glob("*.crt")) if ca_dir and ca_dir.is_dir() else []
 
 
-def recipe_digest(cas: list[Path]) -> str:
+def recipe_digest(cas: list[Path], dist: str = DEFAULT_DIST) -> str:
     h = hashlib.sha256()
-    for part in (RECIPE_VERSION, DEBIAN_MIRROR, SOURCES_LIST, SSH_KEYGEN_DROPIN, *IMAGE_PACKAGES, *MASKED_UNITS):
+    # The release enters through its sources.list (bookworm's is the text it always was: its image stays current).
+    for part in (RECIPE_VERSION, DEBIAN_MIRROR, SOURCES_LIST.format(dist=dist), SSH_KEYGEN_DROPIN, *IMAGE_PACKAGES,
+                 *MASKED_UNITS):
         h.update(part.encode() + b"\0")
     for ca in cas:
         h.update(ca.name.encode() + b"\0" + ca.read_bytes())
     return h.hexdigest()[:16]
 
 
-def image_digest() -> str | None:
-    res = podman("image", "inspect", "--format", "{{ index .Labels \"" + LABEL + ".recipe\" }}", IMAGE,
+def image_digest(dist: str = DEFAULT_DIST) -> str | None:
+    res = podman("image", "inspect", "--format", "{{ index .Labels \"" + LABEL + ".recipe\" }}", image_name(dist),
                  check=False, capture=True)
     return res.stdout.strip() if res.returncode == 0 else None
 
 
-def build_image(cas: list[Path], force: bool = False) -> None:
-    digest = recipe_digest(cas)
-    if not force and image_digest() == digest:
-        log(f"image {IMAGE} is current (recipe {digest})")
+def build_image(cas: list[Path], force: bool = False, dist: str = DEFAULT_DIST) -> None:
+    digest = recipe_digest(cas, dist)
+    image = image_name(dist)
+    if not force and image_digest(dist) == digest:
+        log(f"image {image} is current (recipe {digest})")
         return
-    log(f"building {IMAGE} with debootstrap (recipe {digest}); this takes about a minute")
+    log(f"building {image} ({dist}) with debootstrap (recipe {digest}); this takes about a minute")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rayrack-rootfs-") as tmp:
         root = Path(tmp) / "rootfs"
-        run("debootstrap", "--variant=minbase", f"--include={','.join(IMAGE_PACKAGES)}", "bookworm",
+        run("debootstrap", "--variant=minbase", f"--include={','.join(IMAGE_PACKAGES)}", dist,
             str(root), DEBIAN_MIRROR, capture=True)
-        (root / "etc/apt/sources.list").write_text(SOURCES_LIST)
+        (root / "etc/apt/sources.list").write_text(SOURCES_LIST.format(dist=dist))
         (root / "etc/machine-id").write_text("")
         for key in (root / "etc/ssh").glob("ssh_host_*"):
             key.unlink()
@@ -224,17 +240,17 @@ def build_image(cas: list[Path], force: bool = False) -> None:
         os.utime(lists, (0, 0))
         tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
         subprocess.run(["podman", "import", "--change", 'CMD ["/sbin/init"]',
-                        "--change", f"LABEL {LABEL}.recipe={digest}", "-", IMAGE],
+                        "--change", f"LABEL {LABEL}.recipe={digest}", "-", image],
                        stdin=tar.stdout, check=True, stdout=subprocess.DEVNULL)
         if tar.wait() != 0:
             sys.exit("lab: tar of the image root failed")
-    log(f"built {IMAGE} in {time.monotonic() - started:.0f}s")
+    log(f"built {image} in {time.monotonic() - started:.0f}s")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Nodes
 # ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Node:
     name: str  # inventory hostname and container hostname
     container: str
@@ -242,13 +258,19 @@ class Node:
     group: str  # ray_head or ray_workers
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Lab:
     name: str
     workers: int
     subnet: ipaddress.IPv4Network
     inventory_dir: Path
     gpus_per_worker: int
+    dist: str = DEFAULT_DIST
+    python_packages: tuple[str, ...] = tuple(LAB_PYTHON_PACKAGES)
+
+    @property
+    def image(self) -> str:
+        return image_name(self.dist)
 
     @property
     def network(self) -> str:
@@ -297,7 +319,7 @@ def ensure_node(lab: Lab, node: Node, shared_dir: Path) -> None:
            # per-network-namespace sysctl keys; global keys are never applied in the lab (see write_inventory).
            "--cap-add", "NET_ADMIN", "--cap-add", "DAC_READ_SEARCH", "--security-opt", "unmask=/proc/sys",
            "--volume", f"{shared_dir}:/srv/rayrack-shared:z", "--stop-timeout", "10",
-           IMAGE, "/sbin/init", capture=True)
+           lab.image, "/sbin/init", *INIT_ARGS[lab.dist], capture=True)
 
 
 def wait_booted(node: Node, timeout: float = 90) -> None:
@@ -383,7 +405,7 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
         "rayrack_cluster_name": lab.name,
         "rayrack_cluster_cidr": str(lab.subnet),
         "rayrack_ray_extras": LAB_RAY_EXTRAS,
-        "rayrack_python_packages": LAB_PYTHON_PACKAGES,
+        "rayrack_python_packages": list(lab.python_packages),
         "rayrack_shared_packages": LAB_SHARED_PACKAGES,
         # Nodes share one host's memory: keep each object store small instead of 30% of the host's RAM.
         "ray_node_object_store_memory": 256 * 1024 * 1024,
@@ -427,7 +449,7 @@ def write_inventory(lab: Lab, host_keys: dict[str, str]) -> None:
 def up(lab: Lab, ca_dir: Path | None) -> None:
     ensure_host_packages()
     ensure_podman_ulimits()
-    build_image(ca_files(ca_dir))
+    build_image(ca_files(ca_dir), dist=lab.dist)
     ensure_network(lab)
     shared = lab.inventory_dir / ".shared"
     shared.mkdir(parents=True, exist_ok=True)
@@ -451,8 +473,8 @@ def down(lab: Lab, remove_image: bool) -> None:
         podman("network", "rm", lab.network, capture=True)
     if lab.inventory_dir.is_dir():
         shutil.rmtree(lab.inventory_dir)
-    if remove_image and image_digest() is not None:
-        podman("rmi", IMAGE, capture=True)
+    if remove_image and image_digest(lab.dist) is not None:
+        podman("rmi", lab.image, capture=True)
     log(f"removed {len(containers)} containers, network {lab.network} and {lab.inventory_dir}")
 
 
@@ -506,6 +528,12 @@ def ssh(lab: Lab, node: Node, command: str, check: bool = True, input_text: str 
                check=check, capture=True, input_text=input_text)
 
 
+def node_dist(container: str) -> str:
+    """The Debian release a lab node runs, by the image it was made from (bookworm when it is gone)."""
+    res = podman("container", "inspect", "--format", "{{.ImageName}}", container, check=False, capture=True)
+    return next((dist for dist in DISTS if image_name(dist) == res.stdout.strip()), DEFAULT_DIST)
+
+
 def load(name: str) -> Lab | None:
     """A lab that `up` made, as its inventory says (node count, subnet, fake GPUs per worker); None if it is not up."""
     inventory_dir = REPO / "inventories" / name
@@ -519,6 +547,7 @@ def load(name: str) -> Lab | None:
                                   .splitlines(True) if not line.startswith("#")))
     gpus = next(iter(workers.values())).get("ray_node_num_gpus", 2)
     lab = Lab(name, len(workers), ipaddress.IPv4Network(lab_vars["rayrack_cluster_cidr"]), inventory_dir, gpus)
+    lab = dataclasses.replace(lab, dist=node_dist(lab.nodes[0].container))
     # The Ray groups carry each node's address; other groups (nfs_server) only name nodes again.
     written = {host: spec["ansible_host"] for group in ("ray_head", "ray_workers")
                for host, spec in groups[group]["hosts"].items()}
@@ -599,7 +628,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ca-dir", type=Path, default=Path("/usr/local/share/ca-certificates"),
                    help="extra CA certificates (*.crt) to trust inside nodes, e.g. a site's TLS-intercepting "
                         "proxy (default: /usr/local/share/ca-certificates; empty string for none)")
-    p.add_argument("--image", action="store_true", help="with down: also remove the node image")
+    p.add_argument("--dist", default=DEFAULT_DIST, choices=sorted(DISTS),
+                   help=f"Debian release of the nodes (default: {DEFAULT_DIST})")
+    p.add_argument("--python-packages", default=" ".join(LAB_PYTHON_PACKAGES), metavar="'REQ ...'",
+                   help="pinned packages for every Ray venv, space-separated, '' for none (default: "
+                        f"{' '.join(LAB_PYTHON_PACKAGES)}, which the controller's pip must find for the nodes' Python)")
+    p.add_argument("--image", action="store_true", help="with down: also remove the node image (of --dist)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
@@ -610,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     if subnet.num_addresses < 16 + args.workers:
         p.error(f"--subnet {subnet} is too small for {args.workers + 1} nodes")
     lab = Lab(args.name, args.workers, subnet, (args.inventory_dir or REPO / "inventories" / args.name).resolve(),
-              args.gpus_per_worker)
+              args.gpus_per_worker, args.dist, tuple(args.python_packages.split()))
     ca_dir = args.ca_dir if str(args.ca_dir) else None
     if args.action == "host-deps":
         ensure_host_packages()
@@ -622,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "image":
         ensure_host_packages()
         ensure_podman_ulimits()
-        build_image(ca_files(ca_dir))
+        build_image(ca_files(ca_dir), dist=lab.dist)
     else:
         down(lab, args.image)
     return 0

@@ -368,7 +368,7 @@ def test_redis_refuses_a_client_without_the_password_a_login_and_an_outsider(lab
                                            or "reset" in login.stderr.lower() + login.stdout.lower()), login
     # A machine on the lab network that is not a node cannot open a connection at all.
     outsider = labtool.podman(
-        "run", "--rm", "--network", lab.network, labtool.IMAGE, "bash", "-c",
+        "run", "--rm", "--network", lab.network, lab.image, "bash", "-c",
         f"hostname -I; timeout 5 bash -c 'exec 3<>/dev/tcp/{head.ip}/{STORE_PORT}' 2>&1; echo rc=$?",
         check=False, capture=True)
     assert "rc=0" not in outsider.stdout, outsider.stdout
