@@ -40,7 +40,9 @@ def build_wheel(source: Path, wheel_dir: Path) -> None:
         for name in shipped(source):
             (Path(stage) / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / name, Path(stage) / name)
-        pip("wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(wheel_dir), stage)
+        # The project's build-system.requires are checked against the controller's: a clear error, not a failed build.
+        pip("wheel", "--no-deps", "--no-build-isolation", "--check-build-dependencies", "--wheel-dir", str(wheel_dir),
+            stage)
 
 
 def build(dest: Path, python_version: str, arch: str, requirements: list[str], source: Path | None) -> None:
