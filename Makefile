@@ -22,11 +22,12 @@ LAB_ANSIBLE := ANSIBLE_CACHE_PLUGIN_CONNECTION=$(CURDIR)/inventories/$(LAB)/.fac
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-venv: $(VENV)/.installed ## Controller tools (pinned in requirements.txt) and ray_agent in .venv
+venv: $(VENV)/.installed ## Controller tools (pinned in requirements.txt), the rayrack CLI and the agent it uses in .venv
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt pyproject.toml packaging/ray-agent/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -e .
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt \
+	  -e packaging/ray-agent -e .
 	touch $@
 
 host-deps: venv ## Host packages the lab and tests use (podman, debootstrap, promtool, valgrind), installed when missing

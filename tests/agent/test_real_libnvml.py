@@ -36,6 +36,11 @@ from ray_agent.gpu.base import NVML_ERROR_CODES, NVML_ERROR_NAMES
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))
 import lab as labtool
 
+# The agent's distribution as the roles build it: its shipped files and their wheel.
+sys.path.insert(0, str(labtool.REPO / "roles" / "rayrack" / "files"))
+import build_wheelhouse
+import dist_files
+
 pytestmark = pytest.mark.slow
 
 REPO = labtool.REPO
@@ -119,22 +124,18 @@ def image_value(image: str, template: str) -> str | None:
     return res.stdout.strip() if res.returncode == 0 else None
 
 
-def agent_sources() -> list[Path]:
-    files = [REPO / "pyproject.toml"]
-    files += [p for p in sorted((REPO / "ray_agent").rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
-    return files
+AGENT = REPO / "packaging" / "ray-agent"
 
 
 def pinned_dependencies() -> list[str]:
-    return list(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+    return list(tomllib.loads((AGENT / "pyproject.toml").read_text())["project"]["dependencies"])
 
 
 def recipe_digest(base_id: str) -> str:
     h = hashlib.sha256()
     for part in (RECIPE_VERSION, base_id, CONTAINERFILE, *APT_PACKAGES, *pinned_dependencies()):
         h.update(part.encode() + b"\0")
-    for path in agent_sources():
-        h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(dist_files.fingerprint(AGENT).encode() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -156,16 +157,8 @@ def container_python(base_id: str) -> str:
 
 def build_wheels(base_id: str, context: Path) -> None:
     """The agent's wheel and its pinned dependencies' wheels for the container's CPython, made on this host."""
-    source = context / "src"
-    source.mkdir()
-    shutil.copy(REPO / "pyproject.toml", source)
-    shutil.copytree(REPO / "ray_agent", source / "ray_agent", ignore=shutil.ignore_patterns("__pycache__"))
+    build_wheelhouse.build_wheel(AGENT, context / "agent")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    checked(
-        subprocess.run([*pip, "wheel", "--no-deps", "-w", str(context / "agent"), str(source)],
-                       capture_output=True, text=True, timeout=300),
-        "building the agent wheel",
-    )
     version = container_python(base_id)
     machine = platform.machine()
     checked(

@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 INSTALLED = PurePosixPath("ansible_collections/rayrack/cluster")
 # What an admin's controller needs: the Ansible content, the sources the roles build and ship, the example.
 TOP_LEVEL = {"FILES.json", "MANIFEST.json", "README.md", "CHANGELOG.md", "pyproject.toml", "requirements.txt", "meta",
-             "roles", "playbooks", "plugins", "ray_agent", "rayrack", "monitoring", "inventories"}
+             "roles", "playbooks", "plugins", "packaging", "ray_agent", "rayrack", "monitoring", "inventories"}
 
 
 def outside_env(**extra: str) -> dict[str, str]:
@@ -155,6 +155,18 @@ def test_the_installed_module_carries_its_module_utils(installed, tmp_path):
     host = json.loads(result.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
     assert "module_stderr" not in host, host
     assert [d["check"] for d in host["differences"]] == ["input"], host
+
+
+def test_the_installed_collection_ships_the_same_agent_wheel(installed):
+    """The roles build the nodes' wheel from the installed copy's packaging/ray-agent (its package a link): the
+    same files, so the same fingerprint, as from the repo."""
+    _, collection = installed
+    script = str(REPO / "roles" / "rayrack" / "files" / "dist_files.py")
+    seen = [[subprocess.run([sys.executable, script, *flag, str(root / "packaging" / "ray-agent")],
+                            capture_output=True, text=True, check=True).stdout for flag in (["--list"], [])]
+            for root in (collection, REPO)]
+    assert seen[0] == seen[1]
+    assert "ray_agent/cli.py" in seen[0][0].split()
 
 
 def test_the_repo_as_is_passes_the_same_syntax_check():

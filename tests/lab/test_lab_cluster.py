@@ -86,6 +86,33 @@ def test_agent_attributes_a_real_ray_actor_to_its_job_and_class():
     assert probe["agent"]["actor"] == "TrainingHolder", probe
 
 
+# What a node's venv holds: its distributions, and whether the controller's packages would import.
+VENV_PROBE = """
+import importlib.metadata, importlib.util, json
+print(json.dumps({"dists": sorted(d.metadata["Name"].lower() for d in importlib.metadata.distributions()),
+                  "controller": [m for m in ("rayrack", "monitoring") if importlib.util.find_spec(m)]}))
+"""
+
+
+def venv_contents(node: labtool.Node, venv: str) -> dict:
+    # -I: the venv alone, not the login's directory or environment.
+    result = labtool.ssh(LAB, node, f"sudo {venv}/bin/python -I -", check=False, input_text=VENV_PROBE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_nodes_get_only_the_agents_distribution():
+    for node in LAB.nodes:
+        agent = venv_contents(node, "/opt/rayrack/agent")
+        assert "ray-agent" in agent["dists"], (node.name, agent)
+        assert "rayrack" not in agent["dists"] and agent["controller"] == [], (node.name, agent)
+        assert "aiohttp" not in agent["dists"], (node.name, agent)  # the gateway's extra is the gateway's alone
+    # The head's gateway: the same wheel with its gateway extra.
+    gateway = venv_contents(LAB.nodes[0], "/opt/rayrack/gateway")
+    assert {"ray-agent", "aiohttp"} <= set(gateway["dists"]), gateway
+    assert "rayrack" not in gateway["dists"] and gateway["controller"] == [], gateway
+
+
 def test_rotating_the_cluster_token_restarts_every_node_with_it():
     """A new token on the controller reaches every node and every Ray process, and the cluster comes back."""
     token_file = LAB.inventory_dir / ".secrets" / "ray_token"

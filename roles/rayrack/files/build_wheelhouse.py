@@ -11,7 +11,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
+
+from dist_files import shipped
 
 # Wheels that run on every supported OS: glibc 2.17 (manylinux2014) up to 2.34 (EL 9, the oldest we support).
 OLDEST_GLIBC_MINOR, NEWEST_GLIBC_MINOR = 17, 34
@@ -27,13 +30,28 @@ def pip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet", *args], check=True)
 
 
+def build_wheel(source: Path, wheel_dir: Path) -> None:
+    """The project's wheel, built from a copy of exactly the files its fingerprint covers (dist_files.py).
+
+    The build writes only to the copy (the source may be an installed, read-only collection), and uses the
+    controller's setuptools rather than fetching one: the controller may be offline.
+    """
+    with tempfile.TemporaryDirectory(prefix="rayrack-wheel-") as stage:
+        for name in shipped(source):
+            (Path(stage) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / name, Path(stage) / name)
+        # The project's build-system.requires are checked against the controller's: a clear error, not a failed build.
+        pip("wheel", "--no-deps", "--no-build-isolation", "--check-build-dependencies", "--wheel-dir", str(wheel_dir),
+            stage)
+
+
 def build(dest: Path, python_version: str, arch: str, requirements: list[str], source: Path | None) -> None:
     work = dest.with_name(dest.name + ".part")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     wanted = list(requirements)
     if source is not None:
-        pip("wheel", "--no-deps", "--wheel-dir", str(work), str(source))
+        build_wheel(source, work)
         # Its dependencies come from its own metadata, with the extras the requirements name (ray-agent[gateway]).
         extras = sorted({extra.strip() for requirement in requirements
                          for group in re.findall(r"\[([^\]]*)\]", requirement) for extra in group.split(",")})
