@@ -1,4 +1,5 @@
-"""sysctl helpers for network_tuning: which keys a network namespace owns, and what differs from the live values."""
+"""network_tuning helpers: which sysctl keys a network namespace owns, what differs from the live values, and which
+peers each node proves the MTU to."""
 
 from __future__ import annotations
 
@@ -65,9 +66,25 @@ def network_tuning_port_list(ports: Iterable[Any]) -> str:
     return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in merged)
 
 
+# Past this many nodes each proves the MTU to its RING_PEERS successors only: O(n) pings, not O(n^2).
+RING_PEERS = 3
+
+
+def network_tuning_mtu_peers(nodes: Iterable[str], me: str, mesh_max: int) -> list[str]:
+    """The nodes `me` pings with full-size packets: every other one up to mesh_max nodes (the full mesh), else its
+    RING_PEERS successors in the (sorted) ring. Every node is then pinged by RING_PEERS others as well, so a port
+    with a smaller MTU still shows on both sides of it."""
+    ring = sorted(set(nodes))
+    if me not in ring:
+        return []
+    others = ring[ring.index(me) + 1:] + ring[:ring.index(me)]
+    return others if len(ring) <= int(mesh_max) else others[:RING_PEERS]
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {"network_tuning_is_namespaced": network_tuning_is_namespaced,
                 "network_tuning_kernel_wide": network_tuning_kernel_wide,
                 "network_tuning_pending": network_tuning_pending,
-                "network_tuning_port_list": network_tuning_port_list}
+                "network_tuning_port_list": network_tuning_port_list,
+                "network_tuning_mtu_peers": network_tuning_mtu_peers}

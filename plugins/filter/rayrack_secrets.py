@@ -1,7 +1,10 @@
-"""bcrypt hashes for the basic_auth_users of exporter-toolkit's web configuration (Prometheus, Alertmanager)."""
+"""Controller-side secrets: bcrypt hashes for the basic_auth_users of exporter-toolkit's web configuration
+(Prometheus, Alertmanager), and which secret paths are not yet private."""
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 
 from ansible.errors import AnsibleFilterError
@@ -33,6 +36,25 @@ def rayrack_bcrypt(password: Any, current: Any = None) -> str:
         raise AnsibleFilterError(f"rayrack_bcrypt: {exc}") from exc
 
 
+def rayrack_not_private(paths: Any, kind: str = "file") -> list[str]:
+    """The paths among `paths` on the controller that are missing, not of `kind` (file or directory), or readable by
+    anyone but their owner (0600 files, 0700 directories): what the file tasks after it must fix. Read in the
+    controller's own process, so a converge with nothing to fix runs no module for them."""
+    if kind not in ("file", "directory"):
+        raise AnsibleFilterError(f"rayrack_not_private: kind must be file or directory, not {kind!r}")
+    want, is_kind = (0o600, stat.S_ISREG) if kind == "file" else (0o700, stat.S_ISDIR)
+    loose = []
+    for path in paths:
+        try:
+            st = os.stat(str(path))
+        except FileNotFoundError:
+            loose.append(str(path))
+            continue
+        if not is_kind(st.st_mode) or stat.S_IMODE(st.st_mode) != want:
+            loose.append(str(path))
+    return loose
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"rayrack_bcrypt": rayrack_bcrypt}
+        return {"rayrack_bcrypt": rayrack_bcrypt, "rayrack_not_private": rayrack_not_private}

@@ -102,3 +102,59 @@ def test_rays_certificate_key_for_its_group_loopback_names_and_a_new_ca(tmp_path
     new_ca, renewed = cert(tmp_path / "etc" / "ca.crt"), cert(tmp_path / "etc" / "tls" / "ray.crt")
     assert renewed.serial_number != first.serial_number
     renewed.verify_directly_issued_by(new_ca)
+
+
+def test_the_controller_checks_the_ca_once_per_run(tmp_path):
+    """Every play that installs the CA certificate includes ca.yml; the controller's half runs in the first only."""
+    if os.geteuid() != 0:
+        pytest.skip("the tasks install root-owned files")
+    inventory = {"all": {"children": {"ray_head": {"hosts": {"head": {
+        "ansible_host": "127.0.0.1", "ansible_connection": "local",
+        "ansible_python_interpreter": str(REPO / ".venv" / "bin" / "python")}}}}}}
+    settings = {"rayrack_config_dir": str(tmp_path / "etc"), "rayrack_secrets_dir": str(tmp_path / "secrets")}
+    (tmp_path / "etc").mkdir()
+    result = run_play(tmp_path, inventory, PLAY + PLAY, settings,
+                      {"ANSIBLE_ROLES_PATH": str(ROLES), "ANSIBLE_FORCE_COLOR": "0"})
+    assert result.stdout.count("TASK [rayrack : Make the CA key on the controller]") == 1, result.stdout
+    assert result.stdout.count("TASK [rayrack : Install the CA certificate on the node]") == 2
+    cert(tmp_path / "etc" / "tls" / "gateway.crt").verify_directly_issued_by(cert(tmp_path / "etc" / "ca.crt"))
+
+
+SECRETS_PLAY = """
+- hosts: head
+  gather_facts: false
+  tasks:
+    - ansible.builtin.include_role:
+        name: rayrack
+        tasks_from: secrets
+      vars:
+        rayrack_secret_files: ["{{ rayrack_secrets_dir }}/web/one.password", "{{ rayrack_secrets_dir }}/two.password"]
+"""
+
+
+def test_generated_secrets_stay_private_and_a_loose_one_is_fixed(tmp_path):
+    inventory = {"all": {"hosts": {"head": {"ansible_connection": "local",
+                                            "ansible_python_interpreter": str(REPO / ".venv" / "bin" / "python")}}}}
+    secrets = tmp_path / "secrets"
+    settings = {"rayrack_config_dir": str(tmp_path / "etc"), "rayrack_secrets_dir": str(secrets)}
+    env = {"ANSIBLE_ROLES_PATH": str(ROLES), "ANSIBLE_FORCE_COLOR": "0"}
+
+    def changed() -> int:
+        result = run_play(tmp_path, inventory, SECRETS_PLAY, settings, env)
+        return int(re.search(r"head\s*:.*changed=(\d+)", result.stdout).group(1))
+
+    def modes() -> dict[str, str]:
+        paths = (secrets, secrets / "web", secrets / "web" / "one.password", secrets / "two.password")
+        return {p.name: oct(p.stat().st_mode & 0o777) for p in paths}
+
+    private = {"secrets": "0o700", "web": "0o700", "one.password": "0o600", "two.password": "0o600"}
+    changed()
+    assert modes() == private
+    first = (secrets / "two.password").read_text()
+    assert len(first.strip()) == 40
+    assert changed() == 0
+    (secrets / "two.password").chmod(0o644)
+    (secrets / "web").chmod(0o755)
+    assert changed() == 2
+    assert modes() == private
+    assert (secrets / "two.password").read_text() == first

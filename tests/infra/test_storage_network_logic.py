@@ -50,6 +50,23 @@ def test_reserved_ports_merge_adjacent_and_overlapping_ranges():
     assert tuning.network_tuning_port_list(ports) == "6379,8076-8077,8090,9489,10001-10999,52365-52367"
 
 
+def test_the_mtu_check_pings_every_pair_up_to_the_mesh_size():
+    nodes = [f"n{i}" for i in range(5)]
+    pairs = {frozenset((me, peer)) for me in nodes for peer in tuning.network_tuning_mtu_peers(nodes, me, 5)}
+    assert len(pairs) == 10
+    assert tuning.network_tuning_mtu_peers(nodes, "n9", 5) == []
+
+
+def test_beyond_the_mesh_size_each_node_pings_a_few_and_is_pinged_by_a_few():
+    nodes = [f"n{i:03d}" for i in range(200)]
+    peers = {me: tuning.network_tuning_mtu_peers(nodes, me, 16) for me in nodes}
+    assert {len(p) for p in peers.values()} == {tuning.RING_PEERS}
+    pinged_by = {node: sum(node in p for p in peers.values()) for node in nodes}
+    assert set(pinged_by.values()) == {tuning.RING_PEERS}
+    # The ring wraps: the last node pings the first ones.
+    assert peers["n199"] == ["n000", "n001", "n002"]
+
+
 def test_firewall_family_splits_and_normalises():
     sources = ["10.0.0.5", "10.0.0.0/24", "fd00::1", " ", "10.0.0.0/24", "192.168.1.7/24"]
     assert firewall.firewall_family(sources, 4) == ["10.0.0.0/24", "10.0.0.5/32", "192.168.1.0/24"]
