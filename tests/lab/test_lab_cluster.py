@@ -17,6 +17,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab as labtool
 
+from rayrack import inventory
+
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,6 +134,43 @@ except urllib.error.HTTPError as err:
     print(err.code)
 """)
     assert status.strip() == "403"
+
+
+ALIVE_IDS = r"""
+import json, urllib.request
+req = urllib.request.Request("http://127.0.0.1:8265/api/v0/nodes?limit=1000&detail=false",
+                             headers={"Authorization": "Bearer " + open("/etc/rayrack/ray_token").read().strip()})
+rows = json.load(urllib.request.urlopen(req, timeout=10))["data"]["result"]["result"]
+print(json.dumps(sorted(r["node_id"] for r in rows if r["state"] == "ALIVE")))
+"""
+
+
+def smoke(mode: str) -> str:
+    env = dict(os.environ, ANSIBLE_CACHE_PLUGIN_CONNECTION=str(LAB.inventory_dir / ".facts"))
+    result = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(LAB.inventory_dir),
+                             "playbooks/smoke.yml", "-e", f"rayrack_smoke={mode}"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result.stdout
+
+
+def test_the_smoke_job_on_change_skips_a_quiet_rerun_and_runs_after_a_node_restarts():
+    """rayrack_smoke on_change: the same alive nodes and the same job since the last that passed skip it (and say
+    so); a restarted worker (a new Ray node ID) brings it back."""
+    smoke("on_change")
+    quiet = smoke("on_change")
+    assert "nothing changed since the last smoke job that" in quiet and "Smoke job rayrack-smoke-" not in quiet
+    worker = LAB.nodes[-1]
+    before = json.loads(on_head(ALIVE_IDS))
+    labtool.ssh(LAB, worker, f"sudo systemctl restart {inventory.load(LAB.inventory_dir).get(worker.name).ray_unit}")
+    deadline = time.monotonic() + 120
+    while True:
+        alive = json.loads(on_head(ALIVE_IDS))
+        if len(alive) == len(before) and alive != before:
+            break
+        assert time.monotonic() < deadline, f"the restarted worker did not come back: {before} -> {alive}"
+        time.sleep(2)
+    assert "Smoke job rayrack-smoke-" in smoke("on_change")
 
 
 # Leaves the lab reconfigured for the guard (dashboard on the head's address, guard on): keep it last.
