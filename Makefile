@@ -17,7 +17,7 @@ LAB_UP_OPTIONS := $(if $(DIST),--dist $(DIST)) \
 # Each lab keeps its own fact cache, removed with it.
 LAB_ANSIBLE := ANSIBLE_CACHE_PLUGIN_CONNECTION=$(CURDIR)/inventories/$(LAB)/.facts $(BIN)/ansible-playbook
 
-.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration integration-trixie bench bench-cluster bench-agent bench-idle bench-gateway nvml-sim clean
+.PHONY: help venv host-deps lab lab-status lab-down test lint unit integration integration-trixie bench bench-cluster bench-scale bench-agent bench-idle bench-gateway nvml-sim clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -68,10 +68,13 @@ integration: host-deps nvml-sim ## molecule scenarios `gpu` and `cluster` (conve
 integration-trixie: host-deps ## molecule scenario `trixie`: converge and verify on Debian 13 nodes
 	$(BIN)/molecule test -s trixie
 
-bench: bench-cluster bench-agent bench-idle bench-gateway ## All benchmarks
+bench: bench-cluster bench-scale bench-agent bench-idle bench-gateway ## All benchmarks
 
 bench-cluster: host-deps ## site.yml cold and re-run times, tuned vs stock Ansible; cluster-ready vs plain `ray start`
 	$(BIN)/python tests/bench/bench_cluster.py
+
+bench-scale: host-deps ## site.yml cold and re-run on 2, 4 and 8 workers: cost per node, 100/500-node projection, super-linear tasks, config sizes
+	$(BIN)/python tests/bench/bench_scale.py
 
 # sim: the peers read the simulated demo-8gpu node; real: this machine's GPUs, through its own libnvidia-ml.so.1.
 BENCH_AGENT_NVML ?= sim

@@ -35,7 +35,8 @@ _tree_spec = importlib.util.spec_from_file_location("rayrack_tree", Path(__file_
 rayrack_tree = importlib.util.module_from_spec(_tree_spec)
 _tree_spec.loader.exec_module(rayrack_tree)
 CLUSTER_PREFIX = "rayrack_"
-HEAD_GROUP, WORKER_GROUP = "ray_head", "ray_workers"
+HEAD_GROUP = "ray_head"
+WORKER_GROUP = "ray_workers"
 # Settings of roles that are gone, with the name that replaced each: silently ignored otherwise.
 RENAMED = {"ray_head_ready_timeout": "ray_node_ready_timeout"}
 # The cluster-wide facts the rayrack role derives for every role (its vars, public names): an inventory that sets

@@ -1,7 +1,7 @@
-"""Mitogen's linear strategy as rayrack.cluster.mitogen_linear: an opt-in (ANSIBLE_STRATEGY=rayrack.cluster.mitogen_linear)
-that runs modules over one persistent Python interpreter per node instead of one per task. Needs the pinned `mitogen`
-from requirements.txt on the controller. ansible-core deprecates strategies outside ansible.builtin and says so on
-every run, hence not the default."""
+"""Mitogen's linear strategy as rayrack.cluster.mitogen_linear, an opt-in
+(ANSIBLE_STRATEGY=rayrack.cluster.mitogen_linear): modules run in one persistent Python interpreter per node instead
+of one per task. Needs the pinned `mitogen` from requirements.txt on the controller. ansible-core deprecates
+strategies outside ansible.builtin and says so on every run, hence not the default."""
 
 from __future__ import annotations
 
