@@ -23,8 +23,9 @@ SMOKE_DIR = "ray/smoke"
 
 
 def rayrack_shared_tree(layout: Iterable[str], users: Iterable[Mapping[str, Any]], admin_gid: int,
-                        ray_gid: int) -> list[dict[str, Any]]:
-    """Every directory of the tree (relative path, owner, group, mode), parents before children."""
+                        ray_gid: int, root: str = "") -> list[dict[str, Any]]:
+    """Every directory of the tree (path relative to it, or under ROOT when given; owner, group, mode), parents
+    before children."""
     tree = {"ray": (ROOT, ROOT, "0755"), SMOKE_DIR: (ROOT, int(ray_gid), "1770")}
     for path in layout:
         tree[str(path).strip("/")] = (ROOT, int(admin_gid), "2775")
@@ -32,7 +33,7 @@ def rayrack_shared_tree(layout: Iterable[str], users: Iterable[Mapping[str, Any]
         tree[parent] = (ROOT, ROOT, "0755")
         for user in users:
             tree[f"{parent}/{user['name']}"] = (int(user["uid"]), int(ray_gid), mode)
-    return [{"path": path, "owner": owner, "group": group, "mode": mode}
+    return [{"path": f"{root.rstrip('/')}/{path}" if root else path, "owner": owner, "group": group, "mode": mode}
             for path, (owner, group, mode) in sorted(tree.items(), key=lambda item: item[0].split("/"))]
 
 

@@ -113,11 +113,15 @@ def test_the_controller_checks_the_ca_once_per_run(tmp_path):
         "ansible_python_interpreter": str(REPO / ".venv" / "bin" / "python")}}}}}}
     settings = {"rayrack_config_dir": str(tmp_path / "etc"), "rayrack_secrets_dir": str(tmp_path / "secrets")}
     (tmp_path / "etc").mkdir()
-    result = run_play(tmp_path, inventory, PLAY + PLAY, settings,
+    # A third play puts the certificate somewhere else as well (a service's own copy, as web_auth.yml does).
+    elsewhere = PLAY.replace("tasks_from: ca\n", f"tasks_from: ca\n      vars:\n"
+                             f"        rayrack_ca_cert_file: {tmp_path / 'etc' / 'other-ca.crt'}\n")
+    result = run_play(tmp_path, inventory, PLAY + PLAY + elsewhere, settings,
                       {"ANSIBLE_ROLES_PATH": str(ROLES), "ANSIBLE_FORCE_COLOR": "0"})
     assert result.stdout.count("TASK [rayrack : Make the CA key on the controller]") == 1, result.stdout
-    assert result.stdout.count("TASK [rayrack : Install the CA certificate on the node]") == 2
-    cert(tmp_path / "etc" / "tls" / "gateway.crt").verify_directly_issued_by(cert(tmp_path / "etc" / "ca.crt"))
+    ca = cert(tmp_path / "etc" / "ca.crt")
+    assert cert(tmp_path / "etc" / "other-ca.crt") == ca
+    cert(tmp_path / "etc" / "tls" / "gateway.crt").verify_directly_issued_by(ca)
 
 
 SECRETS_PLAY = """

@@ -52,3 +52,11 @@ def test_the_smoke_markers_directory_is_sticky_and_rays():
     smoke = tree()["ray/smoke"]
     assert (smoke["owner"], smoke["group"], smoke["mode"]) == (0, RAY_GID, "1770")
     assert tree_rules.rayrack_smoke_dir("/srv/rayrack-shared/") == "/srv/rayrack-shared/ray/smoke"
+
+
+def test_paths_under_a_root_keep_the_same_order_and_rules():
+    under = tree_rules.rayrack_shared_tree(LAYOUT, USERS, ADMIN_GID, RAY_GID, "/srv/export/")
+    plain = tree_rules.rayrack_shared_tree(LAYOUT, USERS, ADMIN_GID, RAY_GID)
+    assert [d["path"] for d in under] == ["/srv/export/" + d["path"] for d in plain]
+    assert [{k: v for k, v in d.items() if k != "path"} for d in under] == \
+        [{k: v for k, v in d.items() if k != "path"} for d in plain]
