@@ -7,6 +7,7 @@ import grp
 import os
 import pwd
 import stat
+from collections.abc import Callable
 
 
 def numeric_ids(owner: object, group: object) -> tuple[int, int]:
@@ -27,3 +28,18 @@ def lstat_as(path: str, kind: str) -> os.stat_result | None:
         what = "a symlink" if stat.S_ISLNK(st.st_mode) else f"not a {name}"
         raise ValueError(f"{path} is {what}; remove it, then run again")
     return st
+
+
+def ensure_each(module, entries: list[dict], name: str, ensure: Callable[[dict], bool]) -> None:
+    """The modules' shared main loop: ENSURE each entry in order, then exit with the paths it changed; the first
+    relative path or error fails the task, naming the module (NAME) and the path, with what changed before it."""
+    changed_paths: list[str] = []
+    for entry in entries:
+        if not os.path.isabs(entry["path"]):
+            module.fail_json(msg=f"{name}: {entry['path']!r} is not an absolute path", changed_paths=changed_paths)
+        try:
+            if ensure(entry):
+                changed_paths.append(entry["path"])
+        except (KeyError, ValueError, OSError) as exc:
+            module.fail_json(msg=f"{name}: {entry['path']}: {exc}", changed_paths=changed_paths)
+    module.exit_json(changed=bool(changed_paths), changed_paths=changed_paths)

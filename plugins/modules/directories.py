@@ -13,7 +13,7 @@ import os
 import stat
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.rayrack.cluster.plugins.module_utils.rayrack_paths import lstat_as, numeric_ids
+from ansible_collections.rayrack.cluster.plugins.module_utils.rayrack_paths import ensure_each, lstat_as, numeric_ids
 
 DOCUMENTATION = r"""
 module: directories
@@ -95,16 +95,9 @@ def main() -> None:
             "group": {"type": "raw", "required": True}, "mode": {"type": "str", "required": True}}},
             "follow": {"type": "bool", "default": False}},
         supports_check_mode=True)
-    changed_paths = []
-    for entry in module.params["directories"]:
-        if not os.path.isabs(entry["path"]):
-            module.fail_json(msg=f"directories: {entry['path']!r} is not an absolute path", changed_paths=changed_paths)
-        try:
-            if ensure(entry, module.check_mode, module.params["follow"]):
-                changed_paths.append(entry["path"])
-        except (KeyError, ValueError, OSError) as exc:
-            module.fail_json(msg=f"directories: {entry['path']}: {exc}", changed_paths=changed_paths)
-    module.exit_json(changed=bool(changed_paths), changed_paths=changed_paths)
+    follow = module.params["follow"]
+    ensure_each(module, module.params["directories"], "directories",
+                lambda entry: ensure(entry, module.check_mode, follow))
 
 
 if __name__ == "__main__":

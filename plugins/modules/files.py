@@ -14,7 +14,7 @@ import stat
 import tempfile
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.rayrack.cluster.plugins.module_utils.rayrack_paths import lstat_as, numeric_ids
+from ansible_collections.rayrack.cluster.plugins.module_utils.rayrack_paths import ensure_each, lstat_as, numeric_ids
 
 DOCUMENTATION = r"""
 module: files
@@ -100,16 +100,7 @@ def main() -> None:
             "owner": {"type": "raw", "required": True}, "group": {"type": "raw", "required": True},
             "mode": {"type": "str", "required": True}}}},
         supports_check_mode=True)
-    changed_paths = []
-    for entry in module.params["files"]:
-        if not os.path.isabs(entry["path"]):
-            module.fail_json(msg=f"files: {entry['path']!r} is not an absolute path", changed_paths=changed_paths)
-        try:
-            if ensure(entry, module.check_mode):
-                changed_paths.append(entry["path"])
-        except (KeyError, ValueError, OSError) as exc:
-            module.fail_json(msg=f"files: {entry['path']}: {exc}", changed_paths=changed_paths)
-    module.exit_json(changed=bool(changed_paths), changed_paths=changed_paths)
+    ensure_each(module, module.params["files"], "files", lambda entry: ensure(entry, module.check_mode))
 
 
 if __name__ == "__main__":
